@@ -1,0 +1,36 @@
+"""Pure tensor-in / tensor-out algorithm functions: advantage estimators, reward shapers, losses, group filter.
+
+Imports only torch and rlkit.registry. Estimators and shapers are reached by name through the
+registries (DESIGN.md §2); user functions plug in by import path, "package.module:function".
+"""
+from __future__ import annotations
+
+from torch import Tensor
+
+from rlkit.algorithms.advantages import ADVANTAGES
+from rlkit.algorithms.group_filter import zero_variance_groups
+from rlkit.algorithms.losses import AGGREGATIONS, aggregate, loss_normalizer, policy_loss
+from rlkit.algorithms.shaping import SHAPERS
+
+
+def compute_advantages(name: str, rewards: Tensor, group_ids: Tensor, response_mask: Tensor, **options) -> Tensor:
+    """Run the estimator registered as `name`. rewards [B], group_ids [B], response_mask [B,T] -> [B,T] float32."""
+    return ADVANTAGES.get(name)(rewards, group_ids, response_mask, **options)
+
+
+def shape_rewards(name: str, rewards: Tensor, correct: Tensor, lengths: Tensor, group_ids: Tensor, **options) -> Tensor:
+    """Run the shaper registered as `name`. rewards [B], correct [B] bool, lengths [B] long, group_ids [B] -> [B]."""
+    return SHAPERS.get(name)(rewards, correct, lengths, group_ids, **options)
+
+
+__all__ = [
+    "ADVANTAGES",
+    "AGGREGATIONS",
+    "SHAPERS",
+    "aggregate",
+    "compute_advantages",
+    "loss_normalizer",
+    "policy_loss",
+    "shape_rewards",
+    "zero_variance_groups",
+]

@@ -1,0 +1,128 @@
+"""Group advantage estimators (ALGORITHMS.md §0, §1; OPO, FR3E and Critique-GRPO live elsewhere).
+
+Every estimator has one signature, registered in ``ADVANTAGES``:
+``fn(rewards [B] float, group_ids [B] long, response_mask [B,T], *, scorable=None [B] bool, **options)
+-> advantages [B,T] float32`` with ``adv[i,t] = A_i * mask[i,t]``.
+
+Shared rules (ALGORITHMS.md, rlkit decisions):
+- unscorable samples are left out of every group statistic and get A = 0;
+- a group with exactly one scorable sample gets A = 0 (``singleton="zero"``) or A = r
+  (``singleton="reward"``, verl parity);
+- a group whose scorable rewards span ``max - min <= tol`` gets A = 0 (tolerance, not float equality).
+Statistics are computed in float64 by scatter over dense group indices, no loop over samples.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from rlkit.algorithms.group_filter import check_group_inputs, group_index, group_range
+from rlkit.registry import Registry
+
+ADVANTAGES: Registry = Registry("advantage estimator")
+
+SINGLETON_MODES = ("zero", "reward")
+
+
+class _Groups:
+    """Per-sample views of the scorable group statistics: counts n_i, sums S_i, rewards r (0 if unscorable)."""
+
+    def __init__(self, rewards: Tensor, group_ids: Tensor, scorable: Tensor, tol: float):
+        inverse, num_groups = group_index(group_ids)
+        self.scorable = scorable
+        self.inverse = inverse
+        self.num_groups = num_groups
+        self.r = torch.where(scorable, rewards.to(torch.float64), 0.0)
+        self.n = self.per_sample(scorable.to(torch.float64))
+        self.total = self.per_sample(self.r)
+        self.flat = (group_range(rewards, inverse, num_groups, scorable) <= tol)[inverse]
+
+    def per_sample(self, values: Tensor) -> Tensor:
+        """Sum `values` [B] within each group and hand every sample its group's sum [B]."""
+        sums = torch.zeros(self.num_groups, dtype=values.dtype, device=values.device)
+        return sums.index_add(0, self.inverse, values)[self.inverse]
+
+    def finish(self, advantage: Tensor, singleton: str, response_mask: Tensor) -> Tensor:
+        """Apply the shared rules to per-sample advantages [B] and spread them over the tokens -> [B,T]."""
+        advantage = torch.where(self.flat, 0.0, advantage)
+        if singleton == "reward":
+            advantage = torch.where(self.n == 1, self.r, advantage)
+        advantage = torch.where(self.scorable, advantage, 0.0)
+        return advantage.to(torch.float32)[:, None] * response_mask.to(torch.float32)
+
+
+def _check_options(rewards: Tensor, response_mask: Tensor, singleton: str, tol: float) -> None:
+    if response_mask.dim() != 2 or response_mask.shape[0] != rewards.shape[0]:
+        raise ValueError(
+            f"response_mask must be [B,T] with B={rewards.shape[0]} (len(rewards)), got {tuple(response_mask.shape)}"
+        )
+    if singleton not in SINGLETON_MODES:
+        raise ValueError(f"singleton must be one of {SINGLETON_MODES}, got {singleton!r}")
+    if tol < 0:
+        raise ValueError(f"tol must be >= 0, got {tol}")
+
+
+@ADVANTAGES.register("grpo")
+def grpo(
+    rewards: Tensor,
+    group_ids: Tensor,
+    response_mask: Tensor,
+    *,
+    scorable: Tensor | None = None,
+    eps: float = 1e-6,
+    norm_by_std: bool = True,
+    singleton: str = "zero",
+    tol: float = 1e-6,
+) -> Tensor:
+    """GRPO: A_i = (r_i - mean_g) / (std_g + eps), std unbiased (torch.std); without std if not norm_by_std.
+
+    rewards [B], group_ids [B], response_mask [B,T], scorable [B] or None -> [B,T] float32.
+    """
+    _check_options(rewards, response_mask, singleton, tol)
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    scorable = check_group_inputs(rewards, group_ids, scorable)
+    groups = _Groups(rewards, group_ids, scorable, tol)
+    centred = torch.where(scorable, groups.r - groups.total / groups.n.clamp(min=1), 0.0)
+    advantage = centred
+    if norm_by_std:
+        variance = groups.per_sample(centred.square()) / (groups.n - 1).clamp(min=1)
+        advantage = centred / (variance.sqrt() + eps)
+    return groups.finish(advantage, singleton, response_mask)
+
+
+@ADVANTAGES.register("dr_grpo")
+def dr_grpo(
+    rewards: Tensor,
+    group_ids: Tensor,
+    response_mask: Tensor,
+    *,
+    scorable: Tensor | None = None,
+    singleton: str = "zero",
+    tol: float = 1e-6,
+) -> Tensor:
+    """Dr. GRPO: A_i = r_i - mean_g (no std). rewards [B], group_ids [B], response_mask [B,T] -> [B,T] float32."""
+    return grpo(
+        rewards, group_ids, response_mask, scorable=scorable, norm_by_std=False, singleton=singleton, tol=tol
+    )
+
+
+@ADVANTAGES.register("rloo")
+def rloo(
+    rewards: Tensor,
+    group_ids: Tensor,
+    response_mask: Tensor,
+    *,
+    scorable: Tensor | None = None,
+    singleton: str = "zero",
+    tol: float = 1e-6,
+) -> Tensor:
+    """RLOO: A_i = r_i - mean of the other scorable rewards of the group.
+
+    rewards [B], group_ids [B], response_mask [B,T], scorable [B] or None -> [B,T] float32.
+    """
+    _check_options(rewards, response_mask, singleton, tol)
+    scorable = check_group_inputs(rewards, group_ids, scorable)
+    groups = _Groups(rewards, group_ids, scorable, tol)
+    others = (groups.total - groups.r) / (groups.n - 1).clamp(min=1)
+    return groups.finish(groups.r - others, singleton, response_mask)

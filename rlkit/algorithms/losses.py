@@ -1,0 +1,165 @@
+"""PPO-style policy loss and loss aggregation (ALGORITHMS.md §0, §1).
+
+Normalisation is global: ``loss_normalizer`` is computed once over the whole mini-batch
+mask (all micro-batches; the trainer all-reduces it across ranks), and ``aggregate`` of
+one micro-batch divides by it. The sum of the micro-batch losses is then the loss of the
+full mini-batch, so gradient accumulation and data parallelism change nothing.
+Shapes: b = rows of one micro-batch, T = padded response length.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+# exp() guard for log-ratios (same bound as verl); a token this far off policy is clipped anyway.
+_MAX_LOG_RATIO = 20.0
+
+
+def _check_agg(agg: str) -> None:
+    if agg not in AGGREGATIONS:
+        raise ValueError(f"loss aggregation (algorithm.loss_agg) must be one of {AGGREGATIONS}, got {agg!r}")
+
+
+def loss_normalizer(mask: Tensor, agg: str, loss_scale_factor: float | None = None) -> float:
+    """The global loss denominator of a whole mini-batch. mask [B,T] -> float.
+
+    token-mean: number of tokens; seq-mean-token-mean: sequences with >= 1 token;
+    seq-mean-token-sum: sequences; seq-mean-token-sum-norm: ``loss_scale_factor`` (Dr. GRPO's constant L).
+    """
+    _check_agg(agg)
+    if mask.dim() != 2:
+        raise ValueError(f"mask must be [B,T], got shape {tuple(mask.shape)}")
+    if agg == "token-mean":
+        return float(mask.sum())
+    if agg == "seq-mean-token-mean":
+        return float((mask.sum(dim=-1) > 0).sum())
+    if agg == "seq-mean-token-sum":
+        return float(mask.shape[0])
+    if loss_scale_factor is None:
+        raise ValueError(
+            "loss aggregation 'seq-mean-token-sum-norm' needs algorithm.loss_scale_factor "
+            "(Dr. GRPO's constant L, e.g. the maximum response length)"
+        )
+    if not (math.isfinite(loss_scale_factor) and loss_scale_factor > 0):
+        raise ValueError(f"algorithm.loss_scale_factor must be a positive number, got {loss_scale_factor}")
+    return float(loss_scale_factor)
+
+
+def aggregate(values: Tensor, mask: Tensor, agg: str, normalizer: float) -> Tensor:
+    """Reduce per-token values [b,T] of one micro-batch to a scalar, divided by the global ``normalizer``.
+
+    Additive over rows: summed over any split of the mini-batch into micro-batches it gives the
+    full-batch value. seq-mean-token-mean first divides each row by its own length (empty rows give 0).
+    Masked positions never reach the result, even when they hold inf or NaN. A normalizer of 0
+    means the whole mini-batch has no tokens; the result is then 0.
+    """
+    _check_agg(agg)
+    if values.shape != mask.shape or values.dim() != 2:
+        raise ValueError(f"values and mask must both be [b,T], got {tuple(values.shape)} and {tuple(mask.shape)}")
+    if not (math.isfinite(normalizer) and normalizer >= 0):
+        raise ValueError(f"normalizer must be a finite number >= 0 (from loss_normalizer), got {normalizer}")
+    keep = mask.bool()
+    masked = torch.where(keep, values, 0.0)
+    if agg == "seq-mean-token-mean":
+        rows = masked.sum(dim=-1) / keep.sum(dim=-1).clamp(min=1)
+        total = rows.sum()
+    else:
+        total = masked.sum()
+    return total / normalizer if normalizer > 0 else total
+
+
+def _token_mean(values: Tensor, keep: Tensor, tokens: Tensor) -> Tensor:
+    return (torch.where(keep, values.to(torch.float32), 0.0).sum() / tokens.clamp(min=1)).detach()
+
+
+def policy_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    normalizer: float,
+    agg: str = "token-mean",
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    dual_clip_c: float | None = None,
+    ref_logprobs: Tensor | None = None,
+    kl_coef: float = 0.0,
+    entropies: Tensor | None = None,
+    entropy_coef: float = 0.0,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped PPO surrogate with optional dual clip, k3 KL penalty and entropy bonus. All inputs [b,T].
+
+    ratio = exp(logprobs - old_logprobs); per token l = max(-A*ratio, -A*clip(ratio, 1-eps_low, 1+eps_high));
+    with ``dual_clip_c`` and A < 0, l = min(l, -A*c). loss = agg(l) + kl_coef*agg(k3) - entropy_coef*agg(H),
+    k3 = exp(ref - logp) - (ref - logp) - 1. Gradients flow through ``logprobs`` and ``entropies`` only.
+    Returns (scalar loss, metrics): detached scalars, token-means over this micro-batch's mask except
+    ``pg_loss`` (this micro-batch's aggregated surrogate), ``ratio_max`` and ``tokens`` (the mask sum).
+    """
+    named = {"old_logprobs": old_logprobs, "advantages": advantages, "mask": mask}
+    named.update({"ref_logprobs": ref_logprobs, "entropies": entropies})
+    for name, tensor in named.items():
+        if tensor is not None and tensor.shape != logprobs.shape:
+            raise ValueError(
+                f"{name} must have the shape of logprobs {tuple(logprobs.shape)}, got {tuple(tensor.shape)}"
+            )
+    if not 0 <= eps_low < 1 or eps_high < 0:
+        raise ValueError(
+            f"clip range needs 0 <= eps_low < 1 and eps_high >= 0, got eps_low={eps_low}, eps_high={eps_high}"
+        )
+    if dual_clip_c is not None and not dual_clip_c > 1:
+        raise ValueError(f"dual_clip_c must be > 1 (verl default 3, DAPO 10) or None, got {dual_clip_c}")
+    if kl_coef < 0 or entropy_coef < 0:
+        raise ValueError(f"kl_coef and entropy_coef must be >= 0, got kl_coef={kl_coef}, entropy_coef={entropy_coef}")
+    if kl_coef > 0 and ref_logprobs is None:
+        raise ValueError(
+            "kl_coef > 0 needs ref_logprobs (a reference model); set algorithm.kl_coef=0 to train without KL"
+        )
+    if entropy_coef > 0 and entropies is None:
+        raise ValueError("entropy_coef > 0 needs entropies; set algorithm.entropy_coef=0 or compute token entropies")
+
+    keep = mask.bool()
+    tokens = keep.sum().to(torch.float32)
+    adv = advantages.detach().to(torch.float32)
+    log_ratio = torch.where(keep, logprobs.to(torch.float32) - old_logprobs.detach().to(torch.float32), 0.0)
+    ratio = torch.exp(log_ratio.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
+    per_token = torch.maximum(unclipped, clipped)
+    clip_changed = keep & (clipped > unclipped)
+    metrics = {
+        "clip_frac": _token_mean(clip_changed, keep, tokens),
+        "clip_frac_low": _token_mean(clip_changed & (adv < 0), keep, tokens),
+        "clip_frac_high": _token_mean(clip_changed & (adv > 0), keep, tokens),
+    }
+    if dual_clip_c is not None:
+        bound = -adv * dual_clip_c
+        dual = (adv < 0) & (bound < per_token)
+        per_token = torch.where(dual, bound, per_token)
+        metrics["dual_clip_frac"] = _token_mean(dual, keep, tokens)
+    else:
+        metrics["dual_clip_frac"] = torch.zeros((), device=logprobs.device)
+
+    pg_loss = aggregate(per_token, keep, agg, normalizer)
+    loss = pg_loss
+    metrics["pg_loss"] = pg_loss.detach()
+    metrics["ratio_mean"] = _token_mean(ratio, keep, tokens)
+    metrics["ratio_max"] = torch.where(keep, ratio, 0.0).max().detach() if keep.numel() else tokens * 0
+    metrics["tokens"] = tokens
+
+    if ref_logprobs is not None:
+        delta = torch.where(keep, ref_logprobs.detach().to(torch.float32) - logprobs.to(torch.float32), 0.0)
+        delta = delta.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+        kl = torch.exp(delta) - delta - 1.0
+        metrics["kl"] = _token_mean(kl, keep, tokens)
+        if kl_coef > 0:
+            loss = loss + kl_coef * aggregate(kl, keep, agg, normalizer)
+    if entropies is not None:
+        metrics["entropy"] = _token_mean(entropies, keep, tokens)
+        if entropy_coef > 0:
+            loss = loss - entropy_coef * aggregate(entropies.to(torch.float32), keep, agg, normalizer)
+    return loss, metrics

@@ -1,0 +1,91 @@
+"""RolloutBatch: the one structure every stage of a step reads and extends (DESIGN.md §1)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+
+
+@dataclass
+class RolloutBatch:
+    """B sampled responses, padded on the right to T tokens.
+
+    prompt_ids: [B] token-id lists, the context each response is trained under.
+    response_ids: [B,T] long. response_mask: [B,T] float in {0,1}. behavior_logprobs: [B,T].
+    group_ids: [B] long (samples compared against each other share an id).
+    truncated: [B] bool, the response hit max_tokens.
+    rows: [B] dataset rows ({"question", "answer", "meta"}). texts: [B] decoded responses.
+    Filled by later stages: rewards/correct/scorable [B] (verifier, shaper), advantages [B,T] (estimator).
+    estimator_inputs: extra keyword tensors for the advantage estimator, e.g. FR3E's state ids [B].
+    extras: other per-sample tensors a method adds ([B] or [B,T], e.g. `is_refinement`).
+    """
+
+    prompt_ids: list[list[int]]
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    behavior_logprobs: torch.Tensor
+    group_ids: torch.Tensor
+    truncated: torch.Tensor
+    rows: list[dict]
+    texts: list[str]
+    rewards: torch.Tensor | None = None
+    correct: torch.Tensor | None = None
+    scorable: torch.Tensor | None = None
+    extracted: list[str | None] | None = None
+    advantages: torch.Tensor | None = None
+    estimator_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """[B] long response lengths."""
+        return self.response_mask.sum(-1).long()
+
+    def select(self, index: torch.Tensor | list[int]) -> "RolloutBatch":
+        """Rows `index` (in that order) of every per-sample field."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        picked = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, dict):
+                picked[f.name] = {k: v[index] for k, v in value.items()}
+            else:
+                picked[f.name] = _take(value, index)
+        return RolloutBatch(**picked)
+
+    @staticmethod
+    def concat(batches: list["RolloutBatch"], pad_id: int = 0) -> "RolloutBatch":
+        """Stack batches along B, re-padding [B,T] fields to the widest T."""
+        if len(batches) == 1:
+            return batches[0]
+        width = max(b.response_ids.shape[1] for b in batches)
+        merged = {}
+        for f in fields(RolloutBatch):
+            values = [getattr(b, f.name) for b in batches]
+            if isinstance(values[0], dict):
+                merged[f.name] = {k: _cat([v[k] for v in values], width, 0) for k in values[0]}
+            elif values[0] is None:
+                merged[f.name] = None
+            elif isinstance(values[0], list):
+                merged[f.name] = [item for v in values for item in v]
+            else:
+                merged[f.name] = _cat(values, width, pad_id if f.name == "response_ids" else 0)
+        return RolloutBatch(**merged)
+
+
+def _take(value, index: torch.Tensor):
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        return value[index]
+    return [value[i] for i in index.tolist()]
+
+
+def _cat(values: list[torch.Tensor], width: int, pad) -> torch.Tensor:
+    if values[0].dim() < 2:
+        return torch.cat(values)
+    padded = [torch.nn.functional.pad(v, (0, width - v.shape[1]), value=pad) for v in values]
+    return torch.cat(padded)

@@ -1,0 +1,228 @@
+"""Verifiers: ``fn(response, reference, **options) -> Score``, pure, one item at a time.
+
+A verifier runs inside a worker process (``rlkit.reward.pool``), which enforces the
+wall-clock timeout from outside; verifiers themselves never install timers, so
+math-verify is always called with its ``signal.alarm`` timeouts switched off.
+
+Unscorable is not zero: a verifier failure (bad reference, exception, timeout, crash)
+gives ``reward=None`` and the trainer leaves that sample out of its group baseline.
+A model that gives no final answer is scorable: reward 0.0, error ``"no_answer"``.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import math
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Callable
+
+from rlkit.registry import Registry
+from rlkit.reward.extract import (
+    find_numbers,
+    gsm8k_reference,
+    last_boxed,
+    last_number,
+    normalize_number,
+)
+
+
+@dataclass(frozen=True)
+class Score:
+    """One verdict.
+
+    reward: the reward, or ``None`` when unscorable (verifier failure; never a silent 0).
+    correct: whether the answer matched the reference.
+    extracted: the answer taken from the response (``None`` if none was found).
+    error: ``None``; ``"no_answer"`` (scorable, reward 0.0); or, with ``reward=None``,
+        ``"bad_reference"``, ``"timeout"``, ``"worker_crash"``,
+        ``"verifier_error: <ExcType>: <msg>"``.
+    """
+
+    reward: float | None
+    correct: bool
+    extracted: str | None
+    error: str | None
+
+
+VERIFIERS: Registry[Callable[..., Score]] = Registry("verifier")
+"""``fn(response: str, reference: str, **options) -> Score``.
+
+A verifier may carry a zero-argument ``prepare`` attribute: pool workers call it once
+at start-up, before taking items (``math`` uses it to import and warm up math-verify,
+about 1.7 s, so that cost never counts against an item's timeout).
+"""
+
+_ERROR_MESSAGE_CHARS = 300
+
+
+def score_one(verifier: str, response: str, reference: str, options: dict | None = None) -> Score:
+    """Look up ``verifier`` (a registered name or ``"pkg.mod:fn"``) and score one pair.
+
+    An exception inside the verifier, or a result that is not a valid ``Score``, gives
+    ``Score(None, False, None, "verifier_error: <ExcType>: <msg>")``: unscorable, not 0.
+    Caller errors raise: an unknown verifier (KeyError), options the verifier does not
+    take or non-str inputs (TypeError).
+    """
+    fn = VERIFIERS.get(verifier)
+    options = options or {}
+    check_options(verifier, fn, options)
+    if not isinstance(response, str) or not isinstance(reference, str):
+        raise TypeError(
+            f"score_one takes str response and reference, got "
+            f"{type(response).__name__} and {type(reference).__name__}"
+        )
+    try:
+        result = fn(response, reference, **options)
+    except Exception as err:  # the verifier's failure: unscorable, reported with its cause
+        return Score(None, False, None, _error_code(err))
+    problem = _invalid_score(result)
+    if problem is not None:
+        return Score(None, False, None, f"verifier_error: TypeError: verifier {verifier!r} {problem}")
+    return result
+
+
+def check_options(verifier: str, fn: Callable[..., Score], options: dict) -> None:
+    """Raise TypeError (naming the verifier and its signature) if ``fn`` cannot take ``options``."""
+    try:
+        inspect.signature(fn).bind("response", "reference", **options)
+    except TypeError as err:
+        raise TypeError(
+            f"verifier {verifier!r} cannot take options {sorted(options)}: {err}; "
+            f"its signature is {fn.__name__}{inspect.signature(fn)}"
+        ) from err
+
+
+def _error_code(err: BaseException) -> str:
+    try:
+        message = str(err)
+    except Exception:  # str() of some sympy-carrying exceptions fails; keep the type
+        message = "<unprintable message>"
+    return f"verifier_error: {type(err).__name__}: {message}"[:_ERROR_MESSAGE_CHARS]
+
+
+def _invalid_score(result: object) -> str | None:
+    """Why ``result`` is not a usable Score, or None if it is."""
+    if not isinstance(result, Score):
+        return f"returned {type(result).__name__}; return rlkit.reward.Score(reward, correct, extracted, error)"
+    if result.reward is not None and not (
+        isinstance(result.reward, (int, float)) and math.isfinite(result.reward)
+    ):
+        return f"returned reward {result.reward!r}; give a finite number, or None when unscorable"
+    if not isinstance(result.correct, bool):
+        return f"returned correct={result.correct!r}; give a bool"
+    for field in ("extracted", "error"):
+        value = getattr(result, field)
+        if value is not None and not isinstance(value, str):
+            return f"returned {field}={value!r}; give a str or None"
+    return None
+
+
+# --------------------------------------------------------------------------- math
+
+
+class _DropTimeoutDisabledWarning(logging.Filter):
+    """math-verify warns once that its timeout is off: here that is by design (the pool times out)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Timeout is disabled")
+
+
+@functools.lru_cache(maxsize=None)
+def load_math_verify() -> ModuleType:
+    """Import math-verify once per process and warm up its LaTeX parser (~1.7 s on first call)."""
+    import math_verify
+
+    for name in ("math_verify.parser", "math_verify.grader"):
+        logging.getLogger(name).addFilter(_DropTimeoutDisabledWarning())
+    math_verify.parse("$1$", parsing_timeout=None, raise_on_error=True)
+    return math_verify
+
+
+def _unwrap_math_delimiters(text: str) -> str:
+    """``"$x$"`` / ``"$$x$$"`` -> ``"x"`` (an escaped ``"\\$"`` is a dollar sign, left alone)."""
+    text = text.strip()
+    for delim in ("$$", "$"):
+        if len(text) >= 2 * len(delim) and text.startswith(delim) and text.endswith(delim):
+            inner = text[len(delim) : -len(delim)]
+            if not inner.endswith("\\"):
+                return inner.strip()
+    return text
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_gold(answer: str) -> tuple:
+    """Parsed reference answer (cached: a group's n samples share one reference)."""
+    mv = load_math_verify()
+    return tuple(mv.parse(f"${answer}$", parsing_timeout=None, raise_on_error=True))
+
+
+@VERIFIERS.register("math")
+def math_verifier(response: str, reference: str, *, fallback_last_number: bool = True) -> Score:
+    """math-verify equivalence of the response's final answer with the reference.
+
+    Final answer: the content of the last ``\\boxed{}``/``\\fbox{}``; if the response has
+    no box and ``fallback_last_number``, the last number in the text. The reference may
+    be a bare answer (``"3/4"``, ``"\\frac{3}{4}"``, ``"(1,2]"``, ``"50\\%"``), ``$``-wrapped,
+    or a full solution with a box. Both are parsed as ``$answer$`` (LaTeX + expression
+    extraction) and compared with ``math_verify.verify(gold, pred)``. Reward 1.0 / 0.0.
+    """
+    extracted = last_boxed(response)
+    if extracted is None and fallback_last_number:
+        extracted = last_number(response)
+    boxed_reference = last_boxed(reference)
+    gold_text = _unwrap_math_delimiters(reference if boxed_reference is None else boxed_reference)
+    gold = _parse_gold(gold_text) if gold_text else ()
+    if not gold:
+        return Score(None, False, extracted, "bad_reference")
+    if extracted is None or not extracted.strip():
+        return Score(0.0, False, None, "no_answer")
+    mv = load_math_verify()
+    pred_text = _unwrap_math_delimiters(extracted).replace("\u2212", "-")
+    pred = mv.parse(f"${pred_text}$", parsing_timeout=None, raise_on_error=True)
+    correct = bool(mv.verify(list(gold), pred, timeout_seconds=None, raise_on_error=True))
+    return Score(1.0 if correct else 0.0, correct, extracted, None)
+
+
+math_verifier.prepare = load_math_verify
+
+
+# --------------------------------------------------------------------------- gsm8k
+
+_GSM8K_REL_TOL = 1e-6
+
+
+def _as_number(answer: str) -> float | None:
+    """``answer`` as a number; else the one number inside it ("$18 a day" -> 18); else None."""
+    value = normalize_number(answer)
+    if value is not None:
+        return value
+    numbers = find_numbers(answer)
+    return normalize_number(numbers[0]) if len(numbers) == 1 else None
+
+
+@VERIFIERS.register("gsm8k")
+def gsm8k_verifier(response: str, reference: str) -> Score:
+    """Numeric match of the response's final answer with a GSM8K reference.
+
+    Reference: a GSM8K solution ending ``#### 72`` or a bare number. Prediction: the
+    answer after the last ``####`` if present, else the last ``\\boxed{}``, else the last
+    number; commas, ``$`` and a trailing ``.`` are stripped, and an answer with words
+    around a single number ("18 dollars") counts as that number. Correct when
+    ``|pred - gold| <= 1e-6 * max(1, |gold|)``. Reward 1.0 / 0.0.
+    """
+    extracted = gsm8k_reference(response)
+    if extracted is None:
+        extracted = last_boxed(response)
+    if extracted is None:
+        extracted = last_number(response)
+    gold_text = gsm8k_reference(reference) if "####" in reference else reference
+    gold = normalize_number(gold_text) if gold_text is not None else None
+    if gold is None:
+        return Score(None, False, extracted, "bad_reference")
+    if extracted is None or not extracted.strip():
+        return Score(0.0, False, None, "no_answer")
+    pred = _as_number(extracted)
+    correct = pred is not None and abs(pred - gold) <= _GSM8K_REL_TOL * max(1.0, abs(gold))
+    return Score(1.0 if correct else 0.0, correct, extracted, None)

@@ -1,0 +1,118 @@
+"""vLLM rollout engine, colocated in the trainer's process."""
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+import torch
+
+from rlkit.rollout.base import Completion, SamplingConfig
+
+
+def _configure_vllm_env(cpu_threads: str | None) -> None:
+    """Environment vLLM reads at import/start; set before vllm is imported."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in this process
+    if not torch.cuda.is_available():
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM otherwise reserves ~17 GiB
+        # vLLM pins its worker to one core by default; bind every core we have.
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_threads or f"0-{os.cpu_count() - 1}")
+
+
+class VLLMEngine:
+    """`vllm.LLM` in-process; weights pushed through vLLM's RL weight-transfer API.
+
+    Logprobs are vLLM's processed logprobs (after temperature), so they are directly
+    the behaviour policy's logprobs the trainer compares against.
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        dtype: str = "float32",
+        max_model_len: int = 1024,
+        gpu_memory_utilization: float = 0.4,
+        enable_prefix_caching: bool = True,
+        enable_sleep_mode: bool = False,
+        seed: int = 0,
+        cpu_threads: str | None = None,
+    ):
+        _configure_vllm_env(cpu_threads)
+        from vllm import LLM
+        from vllm.config import WeightTransferConfig
+
+        from rlkit.rollout.inprocess_transfer import register
+
+        kwargs = {}
+        if torch.cuda.is_available():
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+            kwargs["enable_sleep_mode"] = enable_sleep_mode
+        self.llm = LLM(
+            model=model_path,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            seed=seed,
+            enforce_eager=True,
+            distributed_executor_backend="uni",
+            enable_prefix_caching=enable_prefix_caching,
+            logprobs_mode="processed_logprobs",
+            weight_transfer_config=WeightTransferConfig(backend=register()),
+            **kwargs,
+        )
+        self.llm.init_weight_transfer_engine({"init_info": {}})
+        self._version = 0
+        self._sleeping = False
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[Completion]:
+        from vllm import SamplingParams
+
+        requests = [{"prompt_token_ids": ids} for ids in prompts]
+        params = [
+            SamplingParams(
+                n=sampling.n,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k,
+                max_tokens=sampling.max_tokens,
+                seed=None if sampling.seed is None else sampling.seed + i * sampling.n,
+                stop_token_ids=list(sampling.stop_token_ids),
+                logprobs=0,
+                flat_logprobs=True,
+                detokenize=False,
+            )
+            for i in range(len(prompts))
+        ]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        completions = []
+        for index, request_output in enumerate(outputs):
+            for sample in sorted(request_output.outputs, key=lambda o: o.index):
+                token_ids = list(sample.token_ids)
+                logprobs = list(sample.logprobs.logprobs) if token_ids else []
+                if len(logprobs) != len(token_ids):
+                    raise RuntimeError(f"vLLM returned {len(logprobs)} logprobs for {len(token_ids)} tokens")
+                completions.append(
+                    Completion(index, token_ids, logprobs, "length" if sample.finish_reason == "length" else "stop")
+                )
+        return completions
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        self._version += 1
+        self.llm.start_weight_update()
+        self.llm.update_weights({"update_info": {"weights": [(n, t.detach()) for n, t in named_tensors]}})
+        self.llm.finish_weight_update(weight_version=str(self._version))
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
+
+    def sleep(self) -> None:
+        if torch.cuda.is_available() and not self._sleeping:
+            self.llm.sleep(level=1)
+            self._sleeping = True
+
+    def wake(self) -> None:
+        if self._sleeping:
+            self.llm.wake_up()
+            self._sleeping = False
+
+    def close(self) -> None:
+        engine = getattr(self, "llm", None)
+        if engine is not None:
+            del self.llm

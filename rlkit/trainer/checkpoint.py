@@ -1,0 +1,69 @@
+"""Atomic, resumable checkpoints: runs/<name>/checkpoints/step_N/ (DESIGN.md §6)."""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+STATE_FILE = "trainer_state.json"
+
+
+def save_checkpoint(root: Path, step: int, *, model, tokenizer, optimizer, scheduler, state: dict, keep_last: int) -> Path:
+    """Write step_N through a temp dir + rename, so a crash never leaves a half checkpoint; prune old ones."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".step_{step}.", dir=root))
+    model.save_pretrained(tmp / "model", safe_serialization=True)
+    tokenizer.save_pretrained(tmp / "model")
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+            },
+        },
+        tmp / "optim.pt",
+    )
+    (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=1))
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old)
+    return final
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under root, oldest first."""
+    if not root.is_dir():
+        return []
+    done = [p for p in root.glob("step_*") if (p / STATE_FILE).is_file()]
+    return sorted(done, key=lambda p: int(p.name.split("_")[1]))
+
+
+def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> dict:
+    """Restore model, optimizer, scheduler and RNG from `path`; return the trainer state dict."""
+    from safetensors.torch import load_file
+
+    weights = {}
+    for shard in sorted((path / "model").glob("*.safetensors")):
+        weights.update(load_file(shard))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"checkpoint {path} does not match the model: missing {missing}, unexpected {unexpected}")
+    blob = torch.load(path / "optim.pt", weights_only=False)
+    optimizer.load_state_dict(blob["optimizer"])
+    scheduler.load_state_dict(blob["scheduler"])
+    torch.set_rng_state(blob["rng"]["torch"])
+    random.setstate(blob["rng"]["python"])
+    np.random.set_state(blob["rng"]["numpy"])
+    return json.loads((path / STATE_FILE).read_text())

@@ -1,0 +1,98 @@
+"""Per-token logprobs and entropies of sampled responses under the policy.
+
+Never materialises [B,T,V] logits: the LM head runs only on the hidden states that
+predict response tokens, in chunks, each chunk recomputed in backward instead of
+keeping its [chunk, V] activations.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class PolicyOutputs:
+    """logprobs, entropies: [b,T] (0 where mask is 0). hidden: [b,T,d] detached final hidden states
+    that predict each response token, for token masks such as CAPO (None unless asked for)."""
+
+    logprobs: torch.Tensor
+    entropies: torch.Tensor
+    hidden: torch.Tensor | None = None
+
+
+def pack_inputs(prompt_ids: list[list[int]], response_ids: torch.Tensor, response_mask: torch.Tensor, pad_id: int):
+    """Right-padded prompt+response rows trimmed to this micro-batch's longest.
+
+    Returns input_ids [b,L], attention_mask [b,L], and the position of the hidden state
+    that predicts response token t of row i: positions [b,T] (= len(prompt_i) - 1 + t).
+    """
+    lengths = response_mask.sum(-1).long().tolist()
+    totals = [len(p) + n for p, n in zip(prompt_ids, lengths)]
+    width = max(totals)
+    input_ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+    for row, (prompt, n) in enumerate(zip(prompt_ids, lengths)):
+        input_ids[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+        input_ids[row, len(prompt) : len(prompt) + n] = response_ids[row, :n]
+        attention[row, : len(prompt) + n] = 1
+    steps = torch.arange(response_ids.shape[1])
+    positions = torch.tensor([len(p) - 1 for p in prompt_ids])[:, None] + steps[None, :]
+    positions = positions.clamp(max=width - 1)
+    return input_ids, attention, positions
+
+
+def _head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float):
+    """hidden [N,d], weight [V,d], targets [N] -> (logprob [N], entropy [N])."""
+    logits = (hidden @ weight.T).float() / temperature
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, targets[:, None])[:, 0]
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+def policy_logprobs(
+    model: torch.nn.Module,
+    prompt_ids: list[list[int]],
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    pad_id: int,
+    temperature: float = 1.0,
+    chunk_tokens: int = 1024,
+    return_hidden: bool = False,
+) -> PolicyOutputs:
+    """Logprobs [b,T] of `response_ids` given `prompt_ids` under `model`, at the sampling temperature.
+
+    Works for any HF causal LM whose `base_model` returns `last_hidden_state` and whose
+    output embedding is a bias-free linear head (Llama, Qwen2/3, Mistral, SmolLM, ...).
+    """
+    device = next(model.parameters()).device
+    input_ids, attention, positions = pack_inputs(prompt_ids, response_ids, response_mask, pad_id)
+    hidden = model.base_model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).last_hidden_state
+    rows, steps = response_mask.nonzero(as_tuple=True)
+    picked = hidden[rows.to(device), positions[rows, steps].to(device)]  # [N,d]
+    targets = response_ids[rows, steps].to(device)
+    weight = model.get_output_embeddings().weight
+    logps, ents = [], []
+    for start in range(0, picked.shape[0], chunk_tokens):
+        h, t = picked[start : start + chunk_tokens], targets[start : start + chunk_tokens]
+        if torch.is_grad_enabled():
+            lp, ent = checkpoint(_head_logprobs, h, weight, t, temperature, use_reentrant=False)
+        else:
+            lp, ent = _head_logprobs(h, weight, t, temperature)
+        logps.append(lp)
+        ents.append(ent)
+    shape = response_ids.shape
+    logprobs = torch.zeros(shape, device=device, dtype=torch.float32)
+    entropies = torch.zeros(shape, device=device, dtype=torch.float32)
+    index = (rows.to(device), steps.to(device))
+    if picked.shape[0]:
+        logprobs = logprobs.index_put(index, torch.cat(logps))
+        entropies = entropies.index_put(index, torch.cat(ents))
+    hidden_out = None
+    if return_hidden:
+        hidden_out = torch.zeros(*shape, hidden.shape[-1], device=device, dtype=hidden.dtype)
+        hidden_out[index] = picked.detach()
+    return PolicyOutputs(logprobs, entropies, hidden_out)
