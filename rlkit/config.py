@@ -8,6 +8,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 
 
 class ConfigError(ValueError):
@@ -23,6 +24,15 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("rlkit_cache", cache_dir)
     if not OmegaConf.has_resolver("floordiv"):
         OmegaConf.register_new_resolver("floordiv", lambda a, b: max(1, int(a) // int(b)))
+
+
+def compose(overrides: list[str] = ()) -> DictConfig:
+    """The config `python -m rlkit.train OVERRIDES...` would run, for use from Python (tests, notebooks)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    register_resolvers()
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        return hydra_compose("config", overrides=list(overrides))
 
 
 def _require(ok: bool, key: str, problem: str, fix: str) -> None:

@@ -4,14 +4,11 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from rlkit.config import ConfigError, register_resolvers, validate
-
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+from rlkit.config import CONFIG_DIR, ConfigError, register_resolvers, validate
 
 register_resolvers()
 

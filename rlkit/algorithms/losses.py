@@ -21,7 +21,7 @@ _MAX_LOG_RATIO = 20.0
 
 def _check_agg(agg: str) -> None:
     if agg not in AGGREGATIONS:
-        raise ValueError(f"loss aggregation (algorithm.loss_agg) must be one of {AGGREGATIONS}, got {agg!r}")
+        raise ValueError(f"loss aggregation (algorithm.loss.agg) must be one of {AGGREGATIONS}, got {agg!r}")
 
 
 def loss_normalizer(mask: Tensor, agg: str, loss_scale_factor: float | None = None) -> float:
@@ -41,11 +41,11 @@ def loss_normalizer(mask: Tensor, agg: str, loss_scale_factor: float | None = No
         return float(mask.shape[0])
     if loss_scale_factor is None:
         raise ValueError(
-            "loss aggregation 'seq-mean-token-sum-norm' needs algorithm.loss_scale_factor "
+            "loss aggregation 'seq-mean-token-sum-norm' needs algorithm.loss.loss_scale_factor "
             "(Dr. GRPO's constant L, e.g. the maximum response length)"
         )
     if not (math.isfinite(loss_scale_factor) and loss_scale_factor > 0):
-        raise ValueError(f"algorithm.loss_scale_factor must be a positive number, got {loss_scale_factor}")
+        raise ValueError(f"algorithm.loss.loss_scale_factor must be a positive number, got {loss_scale_factor}")
     return float(loss_scale_factor)
 
 
@@ -117,10 +117,10 @@ def policy_loss(
         raise ValueError(f"kl_coef and entropy_coef must be >= 0, got kl_coef={kl_coef}, entropy_coef={entropy_coef}")
     if kl_coef > 0 and ref_logprobs is None:
         raise ValueError(
-            "kl_coef > 0 needs ref_logprobs (a reference model); set algorithm.kl_coef=0 to train without KL"
+            "kl_coef > 0 needs ref_logprobs (a reference model); set algorithm.loss.kl_coef=0 to train without KL"
         )
     if entropy_coef > 0 and entropies is None:
-        raise ValueError("entropy_coef > 0 needs entropies; set algorithm.entropy_coef=0 or compute token entropies")
+        raise ValueError("entropy_coef > 0 needs entropies; set algorithm.loss.entropy_coef=0 or compute token entropies")
 
     keep = mask.bool()
     tokens = keep.sum().to(torch.float32)

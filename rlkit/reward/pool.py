@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
@@ -112,7 +113,8 @@ class VerifierPool:
         self.stats: dict[str, int] = dict(scored=0, unscorable=0, timeouts=0, crashes=0, restarts=0)
         self._lock = threading.Lock()
         self._closed = False
-        self._workers: list[_Worker] = []
+        self._workers: list[_Worker] = []  # replaced in place, so the finalizer sees the live list
+        self._finalizer = weakref.finalize(self, _close_all, self._workers)
         # Started now and not awaited: start-up (imports) overlaps whatever the caller does next.
         for _ in range(num_workers):
             self._workers.append(self._start_worker())
@@ -149,10 +151,6 @@ class VerifierPool:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
-
-    def __del__(self) -> None:
-        if getattr(self, "_closed", True) is False:
-            self._close_workers()
 
     # ------------------------------------------------------------------ internals
 
@@ -252,19 +250,22 @@ class VerifierPool:
         self._replace(index)
 
     def _close_workers(self) -> None:
-        if self._closed:
-            return
         self._closed = True
-        idle = [worker.state is _State.IDLE for worker in self._workers]
-        for worker, asked in zip(self._workers, idle):
-            if asked:
-                try:
-                    worker.conn.send(None)  # exit cleanly; all asked first, so they exit together
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # already gone: _stop reaps it
-        for worker, asked in zip(self._workers, idle):
-            _stop(worker, grace_s=_KILL_GRACE_S if asked else 0.0)
-        self._workers = []
+        self._finalizer()  # runs _close_all once, whether from here, garbage collection or exit
+
+
+def _close_all(workers: list[_Worker]) -> None:
+    """Stop every worker: idle ones are asked to exit (all first, so they exit together), then reaped."""
+    idle = [worker.state is _State.IDLE for worker in workers]
+    for worker, asked in zip(workers, idle):
+        if asked:
+            try:
+                worker.conn.send(None)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # already gone: _stop reaps it
+    for worker, asked in zip(workers, idle):
+        _stop(worker, grace_s=_KILL_GRACE_S if asked else 0.0)
+    workers.clear()
 
 
 def _wait(process: subprocess.Popen, timeout_s: float) -> int | None:

@@ -32,7 +32,7 @@ class HFEngine:
             do_sample=sampling.temperature > 0,
             temperature=sampling.temperature if sampling.temperature > 0 else None,
             top_p=sampling.top_p,
-            top_k=sampling.top_k if sampling.top_k > 0 else None,
+            top_k=sampling.top_k if sampling.top_k > 0 else 0,  # 0: off (None would mean the default 50)
             max_new_tokens=sampling.max_tokens,
             num_return_sequences=sampling.n,
             eos_token_id=sorted(self.eos_ids | set(sampling.stop_token_ids)),

@@ -64,12 +64,12 @@ class Trainer:
         d = cfg.data
         rows = load_rows(d.source, split=d.split, prompt_column=d.prompt_column, answer_column=d.answer_column,
                          answer_format=d.answer_format, limit=d.limit, seed=cfg.seed,
-                         options=OmegaConf.to_container(d.options))
+                         options=OmegaConf.to_container(d.options, resolve=True))
         self.stream = PromptStream(rows, t.prompts_per_step, seed=cfg.seed)
 
         self.verifier = VerifierPool(
             cfg.reward.verifier, num_workers=cfg.reward.num_workers, timeout_s=cfg.reward.timeout_s,
-            options=OmegaConf.to_container(cfg.reward.options),
+            options=OmegaConf.to_container(cfg.reward.options, resolve=True),
         )
         r = cfg.rollout
         self.engine = create_engine(
@@ -83,7 +83,7 @@ class Trainer:
         self.group_filter = GROUP_FILTERS.get(a.group_filter)
         self.token_mask = TOKEN_MASKS.get(a.token_mask)
         self.loss_fn = POLICY_LOSSES.get(a.loss.name)
-        self.loss_options = {k: v for k, v in OmegaConf.to_container(a.loss).items() if k not in ("name", "loss_scale_factor")}
+        self.loss_options = {k: v for k, v in OmegaConf.to_container(a.loss, resolve=True).items() if k not in ("name", "loss_scale_factor")}
         self.loss_scale_factor = a.loss.loss_scale_factor or r.max_tokens
 
         self.step = 0
@@ -131,7 +131,7 @@ class Trainer:
             a = self.cfg.algorithm
             batch.advantages = compute_advantages(
                 a.advantage, batch.rewards, batch.group_ids, batch.response_mask,
-                scorable=batch.scorable, **batch.estimator_inputs, **OmegaConf.to_container(a.advantage_options),
+                scorable=batch.scorable, **batch.estimator_inputs, **OmegaConf.to_container(a.advantage_options, resolve=True),
             )
             metrics.update(self.update(batch))
         timer["train"] = time.perf_counter() - tick
@@ -167,7 +167,7 @@ class Trainer:
             if batch.rewards is None:
                 self.score(batch)
             batch.rewards = shape_rewards(a.reward_shaper, batch.rewards, batch.correct, batch.lengths,
-                                          batch.group_ids, **OmegaConf.to_container(a.reward_shaper_options))
+                                          batch.group_ids, **OmegaConf.to_container(a.reward_shaper_options, resolve=True))
             reward_time += time.perf_counter() - tick
             seen.append(batch)
             batch = batch.select(self.group_filter(batch, tol=a.group_filter_tol).nonzero()[:, 0])
@@ -206,8 +206,7 @@ class Trainer:
             "response/length_std": lengths.std().item() if lengths.numel() > 1 else 0.0,
             "response/truncated_frac": seen.truncated.float().mean().item(),
             "response/tokens": lengths.sum().item(),
-            "batch/zero_variance_group_frac": (
-                zero_var.float().sum() / max(1, len(seen))).item(),
+            "batch/zero_variance_group_frac": seen.group_ids[zero_var].unique().numel() / seen.group_ids.unique().numel(),
             "batch/samples_trained": float(len(batch)),
             "batch/groups_trained": float(batch.group_ids.unique().numel()),
         }

