@@ -90,6 +90,10 @@ def validate(cfg: DictConfig) -> None:
     _require(a.max_sample_rounds >= 1, "algorithm.max_sample_rounds", "must be >= 1", "set 1 without a group filter")
     _require(t.resume in (None, "auto") or Path(str(t.resume)).is_dir(), "trainer.resume",
              f"{t.resume} is not a directory", "use null, auto, or a path to runs/<name>/checkpoints/step_N")
+    _require(cfg.data.source == "arithmetic" or not cfg.data.options, "data.options",
+             f"generator options apply only to the arithmetic source, not {cfg.data.source}",
+             "load a file or HF dataset with data=file data.source=PATH_OR_NAME (data.prompt_column=..., "
+             "data.answer_column=...)")
     _check_model_path(cfg.model.path)
 
 

@@ -18,7 +18,7 @@ from the `reward` config: rlkit scores through its process pool, TRL through a r
 `--force-full-length` suppresses the end-of-sequence token so that every response is exactly `--max-tokens` long
 in both frameworks (the same number of generated and trained tokens): `min_new_tokens` for TRL's transformers
 `generate`, vLLM's `min_tokens` for TRL's colocated vLLM and for rlkit. rlkit's config has no such key, so for
-this run the script wraps `vllm.SamplingParams` to add `min_tokens=max_tokens` to what rlkit's engine asks for.
+this run the script wraps the `generate` of rlkit's `vllm.LLM` to set `min_tokens=max_tokens` on each request.
 With EOS masked, vLLM's behaviour logprobs are those of the renormalised distribution, so rlkit's
 `rollout/logprob_gap` grows by about the EOS probability; this does not change the work done.
 
@@ -130,29 +130,32 @@ def summarize(records: list[dict], warmup: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- rlkit
-def suppress_eos_in_vllm(max_tokens: int) -> None:
-    """Make every vLLM request made from now on in this process run to max_tokens (min_tokens = max_tokens)."""
-    import vllm
+def suppress_eos(engine) -> None:
+    """Make every request of rlkit's vLLM engine run to its max_tokens (vLLM min_tokens = max_tokens)."""
+    llm = getattr(engine, "llm", None)
+    if llm is None:
+        raise RuntimeError(f"--force-full-length needs rlkit's vLLM engine, got {type(engine).__name__}")
+    generate = llm.generate
 
-    make_params = vllm.SamplingParams
+    def full_length_generate(prompts, sampling_params, *rest, **kwargs):
+        for params in sampling_params if isinstance(sampling_params, list) else [sampling_params]:
+            params.min_tokens = params.max_tokens
+        return generate(prompts, sampling_params, *rest, **kwargs)
 
-    def full_length_params(**kwargs):
-        return make_params(**kwargs, min_tokens=kwargs.get("max_tokens", max_tokens))
-
-    vllm.SamplingParams = full_length_params  # rlkit's engine imports it from `vllm` at every generate call
+    llm.generate = full_length_generate
 
 
 def run_rlkit(args: argparse.Namespace) -> dict:
     from rlkit.trainer.trainer import Trainer
 
-    if args.force_full_length:
-        suppress_eos_in_vllm(args.max_tokens)
     records = []
     with tempfile.TemporaryDirectory(prefix="bench_rlkit_") as tmp:
         cfg = shared_config(args, tmp)
         tick = time.perf_counter()
         trainer = Trainer(cfg)
         setup_s = time.perf_counter() - tick
+        if args.force_full_length:
+            suppress_eos(trainer.engine)
         try:
             for step in range(args.warmup + args.steps):
                 m = trainer.train_step()

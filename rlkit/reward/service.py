@@ -282,6 +282,8 @@ class RewardService:
         """
         if self.draining or self._closed:
             raise _ShuttingDown()
+        if not items:
+            return []
         if self.queued + len(items) > self.settings.max_queued_items:
             raise Refusal(503, f"service busy: {self.queued} items already queued (--max-queued-items "
                                f"{self.settings.max_queued_items}); retry shortly", {"Retry-After": "1"})
@@ -462,8 +464,9 @@ def parse_json(body: bytes) -> object:
         raise Refusal(400, "malformed JSON: nested too deeply")
 
 
-def parse_items(payload: object, service: RewardService) -> list[tuple[str, str, str, dict, str]]:
-    """Validate a /score payload into ``(response, reference, verifier, options, options_key)`` items.
+def parse_items(payload: object, service: RewardService) -> tuple[list[tuple[str, str, str, dict, str]], tuple | None]:
+    """Validate a /score payload into ``(response, reference, verifier, options, options_key)`` items,
+    and the top-level ``(verifier, options, options_key)`` default (None if the request names none).
 
     Refuses with 422 (wrong shape or types, unknown verifier, bad options) or 413 (limits).
     """
@@ -487,9 +490,11 @@ def parse_items(payload: object, service: RewardService) -> list[tuple[str, str,
         raise Refusal(422, f'"options" must be an object, got {_json_type(default_options)}')
     default_key = json.dumps(default_options, sort_keys=True)
     checked: set[tuple[str, str]] = set()
+    default = None
     if default_verifier is not None:
         service.check_verifier(default_verifier, default_options, "request")
         checked.add((default_verifier, default_key))
+        default = (default_verifier, default_options, default_key)
 
     parsed = []
     for i, item in enumerate(items):
@@ -524,7 +529,7 @@ def parse_items(payload: object, service: RewardService) -> list[tuple[str, str,
             service.check_verifier(verifier, options, where)
             checked.add((verifier, key))
         parsed.append((texts[0], texts[1], verifier, options, key))
-    return parsed
+    return parsed, default
 
 
 def _check_fields(obj: dict, allowed: tuple[str, ...], where: str) -> None:
@@ -584,7 +589,9 @@ def create_app(settings: ServiceSettings) -> FastAPI:
                 raise Refusal(401, _UNAUTHORIZED, {"WWW-Authenticate": "Bearer"})
             if service.draining:
                 raise _ShuttingDown()
-            items = parse_items(parse_json(await read_body(request, settings.max_request_bytes)), service)
+            items, default = parse_items(parse_json(await read_body(request, settings.max_request_bytes)), service)
+            if not items and default is not None:
+                service.scorer(*default)  # a client's check(): start the workers now
             scores = await service.score(items, request.receive)
             if scores is None:  # the client left; nobody reads this answer
                 status = 499

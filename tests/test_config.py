@@ -1,0 +1,100 @@
+"""Bad input fails up front with an error that names the key and the fix."""
+import subprocess
+import sys
+
+import pytest
+
+from rlkit.config import ConfigError, compose, validate
+
+
+def _cfg(tiny_model_dir, *overrides):
+    return compose([f"model.path={tiny_model_dir}", *overrides])
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "rlkit.train", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_every_recipe_composes_and_validates(tiny_model_dir):
+    for recipe in ("grpo", "dr_grpo", "dapo"):
+        validate(_cfg(tiny_model_dir, f"+recipe={recipe}"))
+
+
+def test_recipes_set_their_published_numbers(tiny_model_dir):
+    dapo = _cfg(tiny_model_dir, "+recipe=dapo", "rollout.max_tokens=100")
+    assert (dapo.algorithm.loss.eps_low, dapo.algorithm.loss.eps_high) == (0.2, 0.28)
+    assert dapo.algorithm.loss.agg == "token-mean" and dapo.algorithm.group_filter == "zero_variance"
+    assert dapo.algorithm.reward_shaper_options.buffer_len == 20  # L_buf = L_max / 5, as 4096 of 20480
+    dr = _cfg(tiny_model_dir, "+recipe=dr_grpo")
+    assert dr.algorithm.advantage == "dr_grpo" and dr.algorithm.loss.agg == "seq-mean-token-sum-norm"
+
+
+def test_every_config_key_is_commented():
+    from pathlib import Path
+
+    from rlkit.config import CONFIG_DIR
+
+    for path in [*Path(CONFIG_DIR).rglob("*.yaml"), *Path(CONFIG_DIR, "..", "recipes").glob("*.yaml")]:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            stripped = line.strip()
+            if not stripped or stripped.startswith(("#", "-")) or stripped.endswith(":"):
+                continue  # comments, defaults-list entries, and parents of commented children
+            assert "#" in line, f"{path.name}:{number} has no comment: {line!r}"
+
+
+@pytest.mark.parametrize(
+    "overrides, key, fix",
+    [
+        (["rollout.n=1"], "rollout.n", "rollout.n>=2"),
+        (["algorithm.advantage=nope"], "algorithm.advantage=nope", "known: dr_grpo, grpo, rloo"),
+        (["algorithm.loss.agg=mean"], "algorithm.loss.agg", "token-mean"),
+        (["trainer.mini_batches=3"], "trainer.mini_batches", "divisor"),
+        (["reward.verifier=nope"], "reward.verifier=nope", "known: gsm8k, math"),
+        (["+algorithm.advantage_options.eps=1", "algorithm.advantage=dr_grpo"], "advantage_options.eps",
+         "~algorithm.advantage_options.eps"),
+        (["rollout.temperature=0"], "rollout.temperature", "1.0"),
+        (["trainer.resume=/no/such/dir"], "trainer.resume", "step_N"),
+    ],
+)
+def test_bad_values_name_key_and_fix(tiny_model_dir, overrides, key, fix):
+    with pytest.raises(ConfigError) as err:
+        validate(_cfg(tiny_model_dir, *overrides))
+    assert key in str(err.value) and fix in str(err.value)
+
+
+def test_missing_model_path_points_to_setup():
+    with pytest.raises(ConfigError, match="make setup"):
+        validate(compose(["model.path=/no/such/model"]))
+
+
+def test_cli_unknown_recipe_lists_the_available_ones():
+    result = _cli("+recipe=nope", "--cfg", "job")
+    assert result.returncode != 0
+    assert "Could not find 'recipe/nope'" in result.stderr and "dr_grpo" in result.stderr
+
+
+def test_cli_unknown_key_is_refused():
+    result = _cli("trainer.learning_rat=1", "--cfg", "job")
+    assert result.returncode != 0 and "trainer.learning_rat" in result.stderr
+
+
+def test_cli_bad_config_exits_before_loading_anything(tiny_model_dir):
+    result = _cli(f"model.path={tiny_model_dir}", "rollout.n=1")
+    assert result.returncode == 2 and "rlkit: bad config: rollout.n" in result.stderr
+
+
+def test_dataset_without_answer_column_lists_columns(tmp_path, tiny_model_dir):
+    from rlkit.trainer.trainer import Trainer
+
+    data = tmp_path / "qs.jsonl"
+    data.write_text('{"question": "1+1?", "solution": "2"}\n')
+    cfg = _cfg(tiny_model_dir, "data=file", f"data.source={data}", "rollout.engine=hf", f"logging.output_dir={tmp_path}")
+    validate(cfg)
+    with pytest.raises(ValueError) as err:
+        Trainer(cfg)
+    assert "solution" in str(err.value) and "data.answer_column" in str(err.value)
+
+
+def test_arithmetic_options_refused_for_other_sources(tiny_model_dir):
+    with pytest.raises(ConfigError, match="data=file"):
+        validate(_cfg(tiny_model_dir, "data.source=my.jsonl"))
