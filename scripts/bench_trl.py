@@ -146,6 +146,8 @@ def suppress_eos(engine) -> None:
 
 
 def run_rlkit(args: argparse.Namespace) -> dict:
+    import torch
+
     from rlkit.trainer.trainer import Trainer
 
     records = []
@@ -154,9 +156,10 @@ def run_rlkit(args: argparse.Namespace) -> dict:
         tick = time.perf_counter()
         trainer = Trainer(cfg)
         setup_s = time.perf_counter() - tick
-        if args.force_full_length:
-            suppress_eos(trainer.engine)
+        threads = torch.get_num_threads()  # after the engine started: what training runs with
         try:
+            if args.force_full_length:
+                suppress_eos(trainer.engine)
             for step in range(args.warmup + args.steps):
                 m = trainer.train_step()
                 phases = {k: m[f"time/{k}"] for k in ("generate", "reward", "train", "weight_push")}
@@ -168,7 +171,7 @@ def run_rlkit(args: argparse.Namespace) -> dict:
                 _print_step("rlkit", step, args.warmup, record)
         finally:
             trainer.close()
-    return {"generation": f"{cfg.rollout.engine} (in-process)", "setup_s": setup_s, "steps": records,
+    return {"generation": "vLLM in-process", "setup_s": setup_s, "torch_threads": threads, "steps": records,
             **summarize(records, args.warmup)}
 
 
@@ -185,7 +188,8 @@ def trl_prompts(tokenizer, rows: list[dict], data) -> list:
             system = [{"role": "system", "content": data.system_prompt}] if data.system_prompt is not None else []
             prompt = [*system, {"role": "user", "content": text}]
             # as GRPOTrainer tokenizes conversational prompts
-            ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+            ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+                                                return_dict=True)["input_ids"]
         else:
             prompt = text if data.system_prompt is None else f"{data.system_prompt}\n\n{text}"
             ids = tokenizer(text=prompt)["input_ids"]
@@ -225,8 +229,12 @@ def run_trl(args: argparse.Namespace) -> dict:
     from datasets import Dataset
     from omegaconf import OmegaConf
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
-    from trl.extras import profiling
+
+    try:
+        from trl import GRPOConfig, GRPOTrainer
+        from trl.extras import profiling
+    except ImportError as err:
+        raise SystemExit(f"TRL is not importable ({err}); install it: .venv/bin/pip install --no-deps trl==1.16.0")
 
     from rlkit.data import load_rows
 
@@ -306,9 +314,10 @@ def run_trl(args: argparse.Namespace) -> dict:
         clock = StepClock()
         tick = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+        reward_options = OmegaConf.to_container(cfg.reward.options, resolve=True)
         trainer = GRPOTrainer(
             model=model,
-            reward_funcs=make_reward_func(cfg.reward.verifier, OmegaConf.to_container(cfg.reward.options, resolve=True)),
+            reward_funcs=make_reward_func(cfg.reward.verifier, reward_options),
             args=config,
             train_dataset=dataset,
             processing_class=tokenizer,
@@ -316,6 +325,7 @@ def run_trl(args: argparse.Namespace) -> dict:
         )
         trainer.remove_callback(PrinterCallback)  # the script prints its own step lines
         setup_s = time.perf_counter() - tick
+        threads = torch.get_num_threads()
         trainer.train()
 
     generate_key = "vLLM.generate" if args.trl_vllm else "transformers.generate"
@@ -331,7 +341,8 @@ def run_trl(args: argparse.Namespace) -> dict:
         records.append(record)
         _print_step("trl", step, args.warmup, record)
     label = "vLLM colocate" if args.trl_vllm else "transformers generate"
-    return {"generation": label, "setup_s": setup_s, "steps": records, **summarize(records, args.warmup)}
+    return {"generation": label, "setup_s": setup_s, "torch_threads": threads, "steps": records,
+            **summarize(records, args.warmup)}
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -381,6 +392,7 @@ def markdown(result: dict) -> str:
     row("weight push (s, % of step)", lambda r: f"{r['median']['weight_push']:.2f} ({r['weight_push_pct']:.1f} %)")
     row("other (s)", lambda r: f"{r['median']['other']:.2f}")
     row("setup (s, not in steps)", lambda r: f"{r['setup_s']:.1f}")
+    row("torch threads after setup", lambda r: str(r["torch_threads"]))
     if "ratio" in result:
         lines.append("")
         lines.append(f"TRL / rlkit step time: **{result['ratio']['step_time']:.2f}x**; "

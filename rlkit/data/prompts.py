@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 # Default template for math tasks: the `math` verifier reads the last \boxed{...} (else the last number).
-BOXED_TEMPLATE = "{question}\nGive only the final answer, in the form \\boxed{{answer}}."
+# SmolLM2-135M-Instruct (Q4_1 GGUF, fp32), greedy, 32 arithmetic test-split items (seed 0), 96 new tokens:
+# 5/32 correct with this template, 3/32 replies boxed; plain question 5/32; "Please reason step by step, and put
+# your final answer within \boxed{}." 2/32; "Put your final answer within \boxed{}." 4/32.
+BOXED_TEMPLATE = "{question}\nGive only the final answer, in the form \\boxed{}."
 
 
 def format_question(question: str, template: str = "{question}") -> str:

@@ -78,7 +78,10 @@ class RewardClient:
         headers = {"Content-Type": "application/json"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
-        self._http = httpx.Client(headers=headers, timeout=httpx.Timeout(self.timeout_s))
+        # verify=False only for http://, which has no TLS to verify: it skips building an SSL context
+        # (about 40 ms of CPU per client); https:// URLs get httpx's default certificate checks.
+        self._http = httpx.Client(headers=headers, timeout=httpx.Timeout(self.timeout_s),
+                                  verify=self.url.startswith("https://"))
 
     # ------------------------------------------------------------------ public
 

@@ -14,9 +14,10 @@ class MetricsLogger:
     def __init__(self, run_dir: Path, cfg, *, resume_step: int = 0, config_dict: dict | None = None):
         self.path = run_dir / "metrics.jsonl"
         self.console_every = cfg.console_every
-        if resume_step and self.path.exists():  # drop lines past the checkpoint we resume from
-            lines = [l for l in self.path.read_text().splitlines() if l and json.loads(l)["step"] <= resume_step]
-            self.path.write_text("".join(l + "\n" for l in lines))
+        for path in (self.path, run_dir / "samples.jsonl"):
+            if path.exists():  # drop lines past the checkpoint we resume from (all of them on a fresh start)
+                lines = [l for l in path.read_text().splitlines() if l and json.loads(l)["step"] <= resume_step]
+                path.write_text("".join(l + "\n" for l in lines))
         self.tb = None
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -41,6 +42,12 @@ class MetricsLogger:
         if self.console_every and step % self.console_every == 0:
             keys = ("reward/mean", "reward/accuracy", "response/length_mean", "actor/entropy", "time/step")
             log.info("step %d  %s", step, "  ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics))
+
+    def log_samples(self, step: int, samples: list[dict]) -> None:
+        """Append decoded responses with their scores to <run>/samples.jsonl."""
+        with (self.path.parent / "samples.jsonl").open("a") as f:
+            for sample in samples:
+                f.write(json.dumps({"step": step, **sample}) + "\n")
 
     def close(self) -> None:
         if self.tb is not None:

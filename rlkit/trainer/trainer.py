@@ -144,6 +144,10 @@ class Trainer:
         metrics["perf/tokens_per_s"] = metrics.get("response/tokens", 0.0) / timer["step"]
         metrics["actor/lr"] = self.scheduler.get_last_lr()[0]
         self.metrics.log(self.step, metrics)
+        self.metrics.log_samples(self.step, [
+            {"question": batch.rows[i]["question"], "answer": batch.rows[i]["answer"], "response": batch.texts[i],
+             "extracted": batch.extracted[i], "reward": batch.rewards[i].item()}
+            for i in range(min(self.cfg.logging.samples_per_step, len(batch)))])
         return metrics
 
     # ------------------------------------------------------------------ rollouts

@@ -1,0 +1,232 @@
+"""Load test: the reward service on loopback against the in-process VerifierPool, same machine, same run.
+
+    python scripts/bench_reward_service.py --workers 2 --clients 4 --batch-size 16 --seconds 4 --rounds 2
+
+Scores a fixed corpus of math-verify items (fractions, roots, intervals, sets, wrong and missing
+answers, each after ~1 kB of reasoning text) for a bounded time, two ways:
+- raw: ``VerifierPool("math", num_workers=W).score`` in a loop, batches of clients x batch-size items
+  (as many items in flight as the service gets);
+- service: ``python -m rlkit.reward.serve --workers W`` in a subprocess, driven by ``clients``
+  threads each sending ``RewardClient.score`` batches of ``batch-size`` items.
+Phases alternate (raw, service, raw, service, ...) so drift in machine load hits both.
+Prints throughput (items/s), per-call latency p50/p99 and errors, and the service's overhead
+= 1 - service items/s / raw items/s. On a shared machine throughput is noisy, so it also
+prints CPU per item outside the workers ("front": the caller for raw; the service process plus
+its clients for the service) and inside them, which other tenants do not skew. Results must
+match: every service batch is checked against the raw pool's scores of the same items.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import psutil  # noqa: E402
+
+from rlkit.reward import VerifierPool  # noqa: E402
+from rlkit.reward.client import RewardClient, RewardServiceError  # noqa: E402
+
+FILLER = ("Let us reason step by step. First we write down what is given and simplify each term; "
+          "then we combine the terms and check the result against the constraints. ") * 6
+
+
+def corpus(n: int, seed: int = 0) -> tuple[list[str], list[str]]:
+    """``n`` (response, reference) pairs of mixed LaTeX forms and verdicts."""
+    rng = random.Random(seed)
+    responses, references = [], []
+    for i in range(n):
+        a, b = rng.randint(1, 99), rng.randint(2, 99)
+        form = i % 8
+        if form == 0:
+            pair = (f"\\boxed{{\\frac{{{a}}}{{{b}}}}}", f"\\frac{{{2 * a}}}{{{2 * b}}}")  # fraction, correct
+        elif form == 1:
+            pair = (f"\\boxed{{{a + 1}}}", str(a))  # wrong integer
+        elif form == 2:
+            pair = (f"\\boxed{{\\sqrt{{{a * a * 2}}}}}", f"{a}\\sqrt{{2}}")  # root, correct
+        elif form == 3:
+            pair = (f"\\boxed{{({a}, {a + b}]}}", f"({a},{a + b}]")  # interval, correct
+        elif form == 4:
+            pair = (f"\\boxed{{\\{{{a},{b}\\}}}}", f"\\{{{b},{a}\\}}")  # set, correct
+        elif form == 5:
+            pair = (f"so the answer is {a * 1000:,}", str(a * 1000))  # last number with separators
+        elif form == 6:
+            pair = (f"\\boxed{{{a}\\%}}", f"{a}")  # percentage
+        else:
+            pair = ("I could not finish.", str(a))  # no answer
+        responses.append(f"{FILLER}{pair[0]}")
+        references.append(pair[1])
+    return responses, references
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] if ordered else float("nan")
+
+
+def cpu_s(process: psutil.Process, children: bool = False) -> float:
+    """CPU seconds (user + system) used so far by ``process`` itself, or by its live children."""
+    if not children:
+        times = process.cpu_times()
+        return times.user + times.system
+    total = 0.0
+    for child in process.children():
+        try:
+            times = child.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def run_raw(pool: VerifierPool, batches: list[tuple[list[str], list[str]]], seconds: float) -> dict:
+    latencies, items, errors, i = [], 0, 0, 0
+    me = psutil.Process()
+    cpu_caller, cpu_workers = cpu_s(me), cpu_s(me, children=True)
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        responses, references = batches[i % len(batches)]
+        tick = time.perf_counter()
+        scores = pool.score(responses, references)
+        latencies.append(time.perf_counter() - tick)
+        items += len(scores)
+        errors += sum(s.error in ("timeout", "worker_crash") for s in scores)
+        i += 1
+    return dict(items=items, seconds=time.perf_counter() - start, latencies=latencies, errors=errors,
+                cpu_front_s=cpu_s(me) - cpu_caller, cpu_workers_s=cpu_s(me, children=True) - cpu_workers)
+
+
+def run_service(server: psutil.Process, url: str, clients: int, batches: list[tuple[list[str], list[str]]],
+                expected: dict, seconds: float) -> dict:
+    latencies, counts = [], dict(items=0, errors=0, mismatches=0)
+    lock = threading.Lock()
+    stop_at = time.perf_counter() + seconds
+
+    def drive(offset: int) -> None:
+        with RewardClient(url, verifier="math", retries=2, backoff_s=0.1) as client:
+            i = offset
+            while time.perf_counter() < stop_at:
+                responses, references = batches[i % len(batches)]
+                tick = time.perf_counter()
+                try:
+                    scores = client.score(responses, references)
+                except RewardServiceError:
+                    with lock:
+                        counts["errors"] += len(responses)
+                    continue
+                elapsed = time.perf_counter() - tick
+                bad = sum(s != expected[r, g] for s, r, g in zip(scores, responses, references))
+                with lock:
+                    latencies.append(elapsed)
+                    counts["items"] += len(scores)
+                    counts["mismatches"] += bad
+                    counts["errors"] += sum(s.error in ("timeout", "worker_crash") for s in scores)
+                i += clients
+
+    me = psutil.Process()
+    cpu_clients, cpu_server, cpu_workers = cpu_s(me), cpu_s(server), cpu_s(server, children=True)
+    start = time.perf_counter()
+    threads = [threading.Thread(target=drive, args=(k,)) for k in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return dict(counts, seconds=time.perf_counter() - start, latencies=latencies,
+                cpu_front_s=cpu_s(me) - cpu_clients + cpu_s(server) - cpu_server,
+                cpu_workers_s=cpu_s(server, children=True) - cpu_workers)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def summary(name: str, phases: list[dict]) -> dict:
+    items = sum(p["items"] for p in phases)
+    seconds = sum(p["seconds"] for p in phases)
+    latencies = [x for p in phases for x in p["latencies"]]
+    return dict(name=name, items=items, seconds=round(seconds, 2), items_per_s=round(items / seconds, 1),
+                p50_ms=round(1000 * percentile(latencies, 0.5), 1), p99_ms=round(1000 * percentile(latencies, 0.99), 1),
+                calls=len(latencies), errors=sum(p["errors"] for p in phases),
+                mismatches=sum(p.get("mismatches", 0) for p in phases),
+                front_cpu_ms_per_item=round(1000 * sum(p["cpu_front_s"] for p in phases) / items, 2),
+                worker_cpu_ms_per_item=round(1000 * sum(p["cpu_workers_s"] for p in phases) / items, 2))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workers", type=int, default=2, help="verifier worker processes (both sides)")
+    p.add_argument("--clients", type=int, default=4, help="concurrent service clients")
+    p.add_argument("--batch-size", type=int, default=16, help="items per service request")
+    p.add_argument("--seconds", type=float, default=4.0, help="length of each measured phase")
+    p.add_argument("--rounds", type=int, default=2, help="raw/service phase pairs")
+    p.add_argument("--corpus", type=int, default=128, help="distinct items")
+    p.add_argument("--json", type=Path, default=None, help="also write the summary here")
+    args = p.parse_args()
+
+    responses, references = corpus(args.corpus)
+    step = args.batch_size
+    service_batches = [(responses[i:i + step], references[i:i + step]) for i in range(0, len(responses), step)]
+    raw_step = args.batch_size * args.clients
+    raw_batches = [(responses[i:i + raw_step], references[i:i + raw_step]) for i in range(0, len(responses), raw_step)]
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "rlkit.reward.serve", "--port", str(port), "--workers", str(args.workers),
+         "--preload", "math", "--log-level", "warning"],
+        cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
+    raw_phases, service_phases = [], []
+    try:
+        with VerifierPool("math", num_workers=args.workers, timeout_s=10.0) as pool:
+            warm = pool.score(responses, references)  # start-up and sympy's lazy imports, off the clock
+            expected = {(r, g): s for r, g, s in zip(responses, references, warm)}
+            with RewardClient(url, verifier="math", retries=100, backoff_s=0.1, max_backoff_s=0.5) as client:
+                served = client.score(responses, references)  # waits for the service; same warm-up
+            assert served == warm, "service and in-process scores differ"
+            for round_ in range(args.rounds):
+                raw_phases.append(run_raw(pool, raw_batches, args.seconds))
+                service_phases.append(run_service(psutil.Process(server.pid), url, args.clients, service_batches,
+                                                  expected, args.seconds))
+                print(f"round {round_ + 1}: raw {raw_phases[-1]['items'] / raw_phases[-1]['seconds']:.0f} items/s, "
+                      f"service {service_phases[-1]['items'] / service_phases[-1]['seconds']:.0f} items/s", flush=True)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(30)
+
+    raw, service = summary("raw VerifierPool", raw_phases), summary("service", service_phases)
+    overhead = 1 - service["items_per_s"] / raw["items_per_s"]
+    cpu_overhead = ((service["front_cpu_ms_per_item"] - raw["front_cpu_ms_per_item"])
+                    / raw["worker_cpu_ms_per_item"])
+    result = dict(workers=args.workers, clients=args.clients, batch_size=args.batch_size, cores=os.cpu_count(),
+                  load_avg_1m=round(os.getloadavg()[0], 2), raw=raw, service=service,
+                  service_overhead=round(overhead, 3), service_cpu_overhead=round(cpu_overhead, 3))
+    print(f"{'':18} {'items/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'calls':>6} {'errors':>6} "
+          f"{'front CPU ms/item':>18} {'worker CPU ms/item':>19}")
+    for row in (raw, service):
+        print(f"{row['name']:18} {row['items_per_s']:8.1f} {row['p50_ms']:8.1f} {row['p99_ms']:8.1f} "
+              f"{row['calls']:6d} {row['errors']:6d} {row['front_cpu_ms_per_item']:18.2f} "
+              f"{row['worker_cpu_ms_per_item']:19.2f}")
+    print(f"service overhead: {100 * overhead:.1f}% of raw throughput (raw calls carry {raw_step} items, "
+          f"service calls {step}); extra CPU outside the workers: {100 * cpu_overhead:.1f}% of the verification CPU")
+    print(json.dumps(result))
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    if service["mismatches"]:
+        sys.exit(f"{service['mismatches']} service scores differed from the in-process scores")
+
+
+if __name__ == "__main__":
+    main()
