@@ -35,7 +35,7 @@ log = logging.getLogger("rlkit")
 class Trainer:
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.trainer.mixed_precision)
         set_seed(cfg.seed)
         self.run_dir = Path(cfg.logging.output_dir) / cfg.logging.run_name
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -73,7 +73,7 @@ class Trainer:
         )
         r = cfg.rollout
         self.engine = create_engine(
-            r.engine, cfg.model.path, dtype=cfg.model.dtype, max_model_len=r.max_model_len,
+            r.engine, cfg.model.path, dtype=r.dtype or cfg.model.dtype, max_model_len=r.max_model_len,
             gpu_memory_utilization=r.gpu_memory_utilization, enable_sleep_mode=r.enable_sleep_mode,
             seed=cfg.seed, cpu_threads=r.cpu_threads,
         )
