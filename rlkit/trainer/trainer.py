@@ -143,6 +143,8 @@ class Trainer:
         metrics.update({f"time/{k}": v for k, v in timer.items()})
         metrics["perf/tokens_per_s"] = metrics.get("response/tokens", 0.0) / timer["step"]
         metrics["actor/lr"] = self.scheduler.get_last_lr()[0]
+        if torch.cuda.is_available():
+            metrics["perf/gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         self.metrics.log(self.step, metrics)
         self.metrics.log_samples(self.step, [
             {"question": batch.rows[i]["question"], "answer": batch.rows[i]["answer"], "response": batch.texts[i],
