@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check on a lent device machine (its image has torch + transformers, no vLLM): the trainer's CUDA path
 # with the HF engine, a 0.5B Qwen2-shaped random model, bf16 autocast; plus the CPU suite's engine-free tests.
-set -euo pipefail
+set -uo pipefail
 OUT=${OUT:-/tmp/out}
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD:$PWD/tests HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -20,10 +20,10 @@ model = Qwen2ForCausalLM(cfg)
 model.save_pretrained(d)
 print("params", sum(p.numel() for p in model.parameters()) / 1e6, "M")
 PY
-python3 -m pytest -q -p no:cacheprovider tests/test_logprobs.py tests/test_losses.py tests/test_advantages.py \
+python3 -m pytest -q -p no:cacheprovider -x tests/test_logprobs.py tests/test_losses.py tests/test_advantages.py \
   "tests/test_weight_sync.py::test_pushed_weights_match_trainer[hf-tiny_model_dir]" 2>&1 | tail -3 | tee "$OUT/pytest.txt"
 python3 -m rlkit.train model.path=/tmp/qwen05 rollout.engine=hf rollout.dtype=bfloat16 trainer.mixed_precision=bf16 \
   reward.verifier=rl_tasks:contains_seven trainer.total_steps=4 rollout.n=8 trainer.prompts_per_step=8 \
-  rollout.max_tokens=256 trainer.micro_batch_size=32 logging.output_dir=/tmp/runs logging.run_name=gpu \
+  rollout.max_tokens=256 trainer.micro_batch_size=32 data.limit=256 logging.output_dir=/tmp/runs logging.run_name=gpu \
   logging.progress_bar=false trainer.save_every=0 2>&1 | grep -E "step [0-9]|Error|error" | tee "$OUT/train.txt"
 cp /tmp/runs/gpu/metrics.jsonl "$OUT/metrics.jsonl"

@@ -53,9 +53,9 @@ def test_loss_normalizer_per_aggregation():
 
 
 def test_sum_norm_needs_loss_scale_factor():
-    with pytest.raises(ValueError, match=r"algorithm\.loss_scale_factor"):
+    with pytest.raises(ValueError, match=r"algorithm\.loss\.loss_scale_factor"):
         loss_normalizer(torch.ones(2, 3), "seq-mean-token-sum-norm")
-    with pytest.raises(ValueError, match=r"algorithm\.loss_scale_factor"):
+    with pytest.raises(ValueError, match=r"algorithm\.loss\.loss_scale_factor"):
         loss_normalizer(torch.ones(2, 3), "seq-mean-token-sum-norm", loss_scale_factor=0.0)
 
 

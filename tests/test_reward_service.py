@@ -337,21 +337,38 @@ def test_metrics_are_prometheus_text(service):
 
 
 def test_queue_and_pool_limits():
-    settings = ServiceSettings(workers=1, timeout_s=TIMEOUT_S, max_queued_items=3, max_pools=1,
-                               extra_verifiers=("verifier_fixtures:with_option",))
+    option = "verifier_fixtures:with_option"
+    settings = ServiceSettings(workers=1, timeout_s=TIMEOUT_S, max_queued_items=3, max_items=3, max_pools=2,
+                               extra_verifiers=(BEHAVE, option))
+    two = [{"response": "a", "reference": "a"}] * 2
     with running(settings) as (url, _):
-        answer = _post(url, {"verifier": "verifier_fixtures:with_option", "items": [{"response": "a", "reference": "a"}] * 4})
+        hanging = threading.Thread(target=_post, args=(url, {"verifier": BEHAVE, "items": [
+            {"response": "hang", "reference": "a"}, {"response": "a", "reference": "a"}]}))
+        hanging.start()
+        _wait_for(url, "rlkit_reward_queued_items", 2)
+        answer = _post(url, {"verifier": BEHAVE, "items": two})  # 2 + 2 > 3 queued
         assert answer.status_code == 503 and "busy" in answer.json()["detail"]
         assert answer.headers["retry-after"] == "1"
-        first = _post(url, {"verifier": "verifier_fixtures:with_option", "options": {"scale": 2.0},
-                            "items": [{"response": "a", "reference": "a"}]})
-        assert first.json()["results"][0]["reward"] == 2.0
-        second = _post(url, {"verifier": "verifier_fixtures:with_option", "options": {"scale": 3.0}, "items": []})
-        assert second.status_code == 422 and "--max-pools 1" in second.json()["detail"]
-        with RewardClient(url, verifier="verifier_fixtures:with_option", options={"scale": 2.0}, retries=1,
-                          backoff_s=0.01) as client:
+        with RewardClient(url, verifier=BEHAVE, retries=1, backoff_s=0.01, max_backoff_s=0.05) as client:
             with pytest.raises(RewardServiceError, match="2 attempt.*HTTP 503.*busy"):  # 5xx: retried, then raised
-                client.score(["a"] * 4, ["a"] * 4)
+                client.score(["a"] * 2, ["a"] * 2)
+        hanging.join()
+        assert _post(url, {"verifier": BEHAVE, "items": two}).status_code == 200  # room again
+        first = _post(url, {"verifier": option, "options": {"scale": 2.0}, "items": two[:1]})
+        assert first.json()["results"][0]["reward"] == 2.0
+        second = _post(url, {"verifier": option, "options": {"scale": 3.0}, "items": []})
+        assert second.status_code == 422 and "--max-pools 2" in second.json()["detail"]
+
+
+def test_settings_refuse_limits_that_cannot_work():
+    with pytest.raises(ValueError, match="max_queued_items \\(10\\) must be >= max_items \\(20\\)"):
+        ServiceSettings(max_queued_items=10, max_items=20)
+    with pytest.raises(ValueError, match="workers must be an int >= 1"):
+        ServiceSettings(workers=0)
+    with pytest.raises(KeyError, match="cannot import verifier 'no_such_module:fn'"):
+        ServiceSettings(extra_verifiers=("no_such_module:fn",))
+    with pytest.raises(ValueError, match="printable ASCII"):
+        ServiceSettings(token="caf\u00e9")
 
 
 def test_bearer_token_required_and_never_answered_with_scores():

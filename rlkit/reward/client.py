@@ -152,15 +152,18 @@ class RewardClient:
     def _refused(self, status: int, detail: str) -> str:
         hint = {
             401: "pass the token the service was started with (its --token-env variable) as token=",
-            413: "lower the client's batch_size, or raise the service's --max-items / --max-request-bytes / --max-chars",
+            413: "lower the client's batch_size, or raise the service's "
+                 "--max-items / --max-request-bytes / --max-chars",
         }.get(status, "fix the request as the service says")
         return f"reward service at {self.url} refused the request (HTTP {status}): {detail}; {hint}"
 
     def _parse(self, answer: httpx.Response, expected: int) -> list[Score]:
         try:
             results = answer.json()["results"]
-            if not isinstance(results, list) or len(results) != expected:
-                raise ValueError(f"expected {expected} results, got {len(results) if isinstance(results, list) else results!r}")
+            if not isinstance(results, list):
+                raise ValueError(f"results is {type(results).__name__}, not a list")
+            if len(results) != expected:
+                raise ValueError(f"expected {expected} results, got {len(results)}")
             return [_to_score(result) for result in results]
         except (ValueError, KeyError, TypeError) as err:
             raise RewardServiceError(

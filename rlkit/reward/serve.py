@@ -72,8 +72,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--host", default="127.0.0.1", help="address to bind; anything but loopback exposes the service")
     p.add_argument("--port", type=int, default=8000, help="port to bind (0: any free port)")
-    p.add_argument("--workers", type=int, default=d.workers, help="verifier worker processes per verifier configuration")
-    p.add_argument("--timeout-s", type=float, default=d.timeout_s, help="per-item wall-clock limit (unscorable past it)")
+    p.add_argument("--workers", type=int, default=d.workers,
+                   help="verifier worker processes per verifier configuration")
+    p.add_argument("--timeout-s", type=float, default=d.timeout_s,
+                   help="per-item wall-clock limit (unscorable past it)")
     p.add_argument("--startup-timeout-s", type=float, default=d.startup_timeout_s, help="limit for a worker's start-up")
     p.add_argument("--token-env", default=None, metavar="NAME",
                    help="require 'Authorization: Bearer <token>' with the token read from environment variable NAME")
@@ -86,7 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-chars", type=int, default=d.max_chars, help="longest response or reference, in characters")
     p.add_argument("--max-queued-items", type=int, default=d.max_queued_items,
                    help="items waiting across all requests before new requests get 503")
-    p.add_argument("--max-pools", type=int, default=d.max_pools, help="most distinct (verifier, options) configurations")
+    p.add_argument("--max-pools", type=int, default=d.max_pools,
+                   help="most distinct (verifier, options) configurations")
     p.add_argument("--limit-concurrency", type=int, default=256, help="open connections before new ones get 503")
     p.add_argument("--grace-s", type=float, default=30.0, help="on shutdown, time given to in-flight requests")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -110,7 +113,7 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None 
             max_queued_items=args.max_queued_items, max_pools=args.max_pools,
         )
     except (ValueError, KeyError) as err:
-        raise SystemExit(f"rlkit.reward.serve: {err}") from err
+        raise SystemExit(f"rlkit.reward.serve: {err.args[0]}") from err
 
 
 def main(argv: list[str] | None = None) -> None:

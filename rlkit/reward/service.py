@@ -85,11 +85,15 @@ class ServiceSettings:
         for name in ("timeout_s", "startup_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)!r}")
+        if self.max_queued_items < self.max_items:
+            raise ValueError(f"max_queued_items ({self.max_queued_items}) must be >= max_items ({self.max_items}), "
+                             f"or a full request could never be queued")
         if self.token is not None and not (self.token.isascii() and self.token.isprintable() and self.token.strip()):
             raise ValueError("the bearer token must be non-empty printable ASCII (it travels in an HTTP header)")
         for path in self.extra_verifiers:
             if ":" not in path:
-                raise ValueError(f"extra verifier {path!r} is not an import path; write it as 'package.module:function'")
+                raise ValueError(f"extra verifier {path!r} is not an import path; "
+                                 f"write it as 'package.module:function'")
             VERIFIERS.get(path)  # a typo fails at start-up (KeyError naming the import problem), not per request
         allowed = set(VERIFIERS.names()) | set(self.extra_verifiers)
         for name in self.preload:
@@ -189,7 +193,8 @@ class _Scorer:
             self._queue.put(None)
 
     def join(self) -> None:
-        """Wait for the threads (each at most one item: timeout_s, or startup_timeout_s while starting), close the pools."""
+        """Wait for the threads, then close the pools. Each thread first finishes its current item
+        (at most timeout_s, or startup_timeout_s while its worker starts)."""
         for thread in self._threads:
             thread.join()
         for pool in self.pools:
@@ -375,7 +380,8 @@ class RewardService:
 
         family("rlkit_reward_requests_total", "counter", "POST /score requests by HTTP status.",
                [(_labels(code=str(code)), n) for code, n in sorted(m.requests.items())])
-        family("rlkit_reward_items_total", "counter", "Items answered, by verifier and outcome (scored: reward not null).",
+        family("rlkit_reward_items_total", "counter",
+               "Items answered, by verifier and outcome (scored: reward not null).",
                [(_labels(verifier=v, outcome=o), n) for (v, o), n in sorted(m.items.items())])
         family("rlkit_reward_item_errors_total", "counter",
                "Items answered with an error code (no_answer is scorable; the rest are unscorable).",
@@ -456,7 +462,8 @@ def parse_json(body: bytes) -> object:
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise Refusal(400, f"request body is not valid UTF-8 (bad byte at offset {err.start}); encode the JSON as UTF-8")
+        raise Refusal(400, f"request body is not valid UTF-8 (bad byte at offset {err.start}); "
+                           f"encode the JSON as UTF-8")
     try:
         return json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as err:
@@ -478,7 +485,8 @@ def parse_items(payload: object, service: RewardService) -> tuple[list[tuple[str
         raise Refusal(422, f'request body must be a JSON object {{"items": [...]}}, got {_json_type(payload)}')
     _check_fields(payload, _TOP_FIELDS, "request")
     if "items" not in payload:
-        raise Refusal(422, 'request has no "items"; send {"verifier": "math", "items": [{"response": ..., "reference": ...}]}')
+        raise Refusal(422, 'request has no "items"; send '
+                           '{"verifier": "math", "items": [{"response": ..., "reference": ...}]}')
     items = payload["items"]
     if not isinstance(items, list):
         raise Refusal(422, f'"items" must be an array, got {_json_type(items)}')

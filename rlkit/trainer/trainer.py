@@ -63,7 +63,7 @@ class Trainer:
 
         d = cfg.data
         rows = load_rows(d.source, split=d.split, prompt_column=d.prompt_column, answer_column=d.answer_column,
-                         answer_format=d.answer_format, limit=d.limit, seed=cfg.seed,
+                         answer_format=d.answer_format, limit=d.limit, seed=cfg.seed, skip_invalid=d.skip_invalid,
                          options=OmegaConf.to_container(d.options, resolve=True))
         self.stream = PromptStream(rows, t.prompts_per_step, seed=cfg.seed)
 
