@@ -70,3 +70,51 @@ def test_reward_rises_on_easy_task(tmp_path, tiny_model_dir):
     first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
     assert last > first + 0.25, rewards
     assert max(m["rollout/logprob_gap_max"] for m in metrics) < 1e-4
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_reward_service_gives_the_same_run_as_in_process(tmp_path, tiny_model_dir):
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import httpx
+
+    port = _free_port()
+    tests_dir = str(Path(__file__).parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")])}
+    server = subprocess.Popen([sys.executable, "-m", "rlkit.reward.serve", "--port", str(port), "--workers", "1",
+                               "--verifier", "rl_tasks:contains_seven"], env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline and server.poll() is None, "service did not start"
+            time.sleep(0.2)
+        common = ["trainer.total_steps=2", "trainer.lr=1e-3", "reward.verifier=rl_tasks:contains_seven"]
+        remote = run(tmp_path, tiny_model_dir, "remote", *common, f"reward.url=http://127.0.0.1:{port}")
+        local = run(tmp_path, tiny_model_dir, "local", *common)
+    finally:
+        server.terminate()
+        server.wait(30)
+    assert [m["reward/mean"] for m in remote] == [m["reward/mean"] for m in local]
+    assert [m["actor/pg_loss"] for m in remote] == pytest.approx([m["actor/pg_loss"] for m in local], abs=1e-7)
+
+
+def test_unreachable_reward_service_stops_the_run_at_start(tmp_path, tiny_model_dir):
+    port = _free_port()  # nothing listens here
+    with pytest.raises(RuntimeError, match=f"127.0.0.1:{port}"):
+        run(tmp_path, tiny_model_dir, "down", f"reward.url=http://127.0.0.1:{port}", "reward.retries=1")

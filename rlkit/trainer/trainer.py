@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import os
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -30,6 +31,21 @@ from rlkit.trainer.logprobs import policy_logprobs
 from rlkit.trainer.metrics import MetricsLogger
 
 log = logging.getLogger("rlkit")
+
+
+def make_scorer(reward: DictConfig):
+    """The verifier stage: the reward service's client when `reward.url` is set, else an in-process pool.
+    Both expose `score(responses, references) -> list[Score]`."""
+    options = OmegaConf.to_container(reward.options, resolve=True)
+    if not reward.url:
+        return VerifierPool(reward.verifier, num_workers=reward.num_workers, timeout_s=reward.timeout_s, options=options)
+    from rlkit.reward.client import RewardClient
+
+    client = RewardClient(reward.url, verifier=reward.verifier, options=options,
+                          token=os.environ.get(reward.token_env) if reward.token_env else None,
+                          timeout_s=reward.request_timeout_s, retries=reward.retries, batch_size=reward.batch_size)
+    client.check()  # an unreachable service fails the run at start, not after the first rollout
+    return client
 
 
 class Trainer:
@@ -67,10 +83,7 @@ class Trainer:
                          options=OmegaConf.to_container(d.options, resolve=True))
         self.stream = PromptStream(rows, t.prompts_per_step, seed=cfg.seed)
 
-        self.verifier = VerifierPool(
-            cfg.reward.verifier, num_workers=cfg.reward.num_workers, timeout_s=cfg.reward.timeout_s,
-            options=OmegaConf.to_container(cfg.reward.options, resolve=True),
-        )
+        self.verifier = make_scorer(cfg.reward)
         r = cfg.rollout
         self.engine = create_engine(
             r.engine, cfg.model.path, dtype=r.dtype or cfg.model.dtype, max_model_len=r.max_model_len,
