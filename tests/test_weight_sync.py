@@ -26,9 +26,9 @@ def _sample(engine, prompts, temperature, seed):
     return sample_groups([{"ids": p} for p in prompts], ctx, first_group_id=0)
 
 
-def _train_one_step(model):
+def _train_one_step(model, lr=5e-2):
     """A real AdamW step on a language-modelling loss: every weight moves, tied ones included."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     ids = torch.randint(3, 900, (4, 32), generator=torch.Generator().manual_seed(0))
     model(input_ids=ids, labels=ids).loss.backward()
     optimizer.step()
@@ -57,5 +57,26 @@ def test_pushed_weights_match_trainer(request, fixture, engine_name):
             batch = _sample(engine, prompts, temperature, seed=3)
             gap = (_trainer_logprobs(model, batch, temperature) - batch.behavior_logprobs).abs() * batch.response_mask
             assert gap.max() < 1e-4
+    finally:
+        engine.close()
+
+
+@pytest.mark.slow
+def test_pushed_weights_match_trainer_on_smollm2():
+    """The real default model (tied embeddings, 49k vocabulary), as prepared by `make setup`."""
+    from rlkit.models.prepare import default_model_dir, is_prepared
+
+    model_dir = default_model_dir()
+    if not is_prepared(model_dir):
+        pytest.skip("SmolLM2-135M-Instruct is not prepared: run `make setup`")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    engine = create_engine("vllm", str(model_dir), max_model_len=512)
+    prompts = [[1, 9690, 198, 2683, 314, 216, 34, 1232, 216, 37, 47], [1, 4093, 198, 14368, 30]]
+    try:
+        _train_one_step(model, lr=1e-4)
+        engine.update_weights(model.state_dict().items())
+        batch = _sample(engine, prompts, 1.0, seed=5)
+        gap = (_trainer_logprobs(model, batch, 1.0) - batch.behavior_logprobs).abs() * batch.response_mask
+        assert gap.max() < 2e-4 and gap.sum() / batch.response_mask.sum() < 1e-5
     finally:
         engine.close()

@@ -47,6 +47,11 @@ class VLLMEngine:
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
             kwargs["enable_sleep_mode"] = enable_sleep_mode
+        else:
+            # A partially prefilled request rewinds its seeded generator, which CPU generators cannot do
+            # (vLLM 0.32: "CPU Generator does not use offset"): prefill whole prompts instead.
+            kwargs["enable_chunked_prefill"] = False
+            kwargs["max_num_batched_tokens"] = max(max_model_len, 8192)
         self.llm = LLM(
             model=model_path,
             dtype=dtype,
