@@ -16,6 +16,7 @@ import time
 
 import httpx
 
+from rlkit.reward.pool import check_score_inputs
 from rlkit.reward.verifiers import Score
 
 
@@ -87,7 +88,7 @@ class RewardClient:
 
     def score(self, responses: list[str], references: list[str]) -> list[Score]:
         """Score ``responses[i]`` against ``references[i]``; results in input order."""
-        _check_inputs(responses, references)
+        check_score_inputs(responses, references)
         start = time.perf_counter()
         results: list[Score] = []
         for first in range(0, len(responses), self.batch_size):
@@ -203,16 +204,3 @@ def _retry_after_s(answer: httpx.Response) -> float:
     except ValueError:
         return 0.0
 
-
-def _check_inputs(responses: list[str], references: list[str]) -> None:
-    """The argument checks of ``VerifierPool.score``, with the same exception types."""
-    if isinstance(responses, str) or isinstance(references, str):
-        raise TypeError("score takes lists of strings; wrap a single pair as score([response], [reference])")
-    if len(responses) != len(references):
-        raise ValueError(
-            f"score got {len(responses)} responses but {len(references)} references; pass one reference per response"
-        )
-    for name, items in (("responses", responses), ("references", references)):
-        for i, item in enumerate(items):
-            if not isinstance(item, str):
-                raise TypeError(f"{name}[{i}] is {type(item).__name__}, expected str")

@@ -123,7 +123,7 @@ class VerifierPool:
 
     def score(self, responses: list[str], references: list[str]) -> list[Score]:
         """Score ``responses[i]`` against ``references[i]``; results in input order."""
-        _check_inputs(responses, references)
+        check_score_inputs(responses, references)
         with self._lock:
             if self._closed:
                 raise RuntimeError("VerifierPool is closed; create a new one")
@@ -289,7 +289,8 @@ def _stop(worker: _Worker, *, grace_s: float) -> None:
     worker.conn.close()
 
 
-def _check_inputs(responses: list[str], references: list[str]) -> None:
+def check_score_inputs(responses: list[str], references: list[str]) -> None:
+    """Argument checks shared by every scorer's `score(responses, references)`."""
     if isinstance(responses, str) or isinstance(references, str):
         raise TypeError("score takes lists of strings; wrap a single pair as score([response], [reference])")
     if len(responses) != len(references):
