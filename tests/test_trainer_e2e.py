@@ -32,12 +32,15 @@ def run(tmp_path, model_dir, name, *overrides):
 @pytest.mark.parametrize("recipe", ["grpo", "dr_grpo", "dapo"])
 def test_recipe_runs_three_steps(tmp_path, tiny_model_dir, recipe):
     metrics = run(tmp_path, tiny_model_dir, recipe, f"+recipe={recipe}", "trainer.total_steps=3",
-                  "rollout.n=4", "reward.verifier=rl_tasks:contains_seven")
+                  "rollout.n=4", "reward.verifier=rl_tasks:contains_seven", "logging.tensorboard=true")
     assert [m["step"] for m in metrics] == [1, 2, 3]
     for m in metrics:
         assert m["rollout/logprob_gap_max"] < 1e-4  # the engine samples from exactly the trained weights
         assert m["response/tokens"] > 0 and m["time/step"] > 0
     assert (tmp_path / recipe / "checkpoints" / "step_3" / "model" / "model.safetensors").is_file()
+    assert any((tmp_path / recipe / "tb").glob("events.out.tfevents.*"))
+    samples = (tmp_path / recipe / "samples.jsonl").read_text().splitlines()
+    assert len(samples) == 3 * 4 and {"question", "answer", "response", "reward"} <= json.loads(samples[0]).keys()
     exported = load_file(tmp_path / recipe / "final" / "model.safetensors")
     initial = load_file(tiny_model_dir / "model.safetensors")
     assert any(not torch.equal(exported[k], initial[k]) for k in initial)  # the policy moved
