@@ -196,7 +196,7 @@ class Trainer:
                 break
             ctx.sampling = dataclasses.replace(ctx.sampling, seed=ctx.sampling.seed + 7919)  # fresh samples next round
         all_seen, batch = RolloutBatch.concat(seen, self.pad_id), RolloutBatch.concat(kept, self.pad_id)
-        first_groups = batch.group_ids.unique(sorted=False)[:target] if groups > target else None
+        first_groups = batch.group_ids.unique(sorted=True)[:target] if groups > target else None  # earliest groups
         if first_groups is not None:
             batch = batch.select(torch.isin(batch.group_ids, first_groups).nonzero()[:, 0])
         return batch, self._rollout_metrics(all_seen, batch), gen_time, reward_time
