@@ -1,21 +1,97 @@
+"""`python -m rlkit.plot`: curves of good runs, one clear line for bad metrics files, smoothing."""
 import json
+import subprocess
+import sys
 
 import pytest
 
-from rlkit.plot import plot_runs, read_metrics
+from rlkit.plot import MetricsError, choose_panels, moving_average, plot_runs, read_metrics
+
+
+def _write_run(run, rows, tail=""):
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + tail)
+    return run
+
+
+def _rows(slope, steps=4, **extra):
+    return [{"step": s, "reward/mean": slope * s, "reward/accuracy": slope * s, "time/step": 2.0,
+             "actor/entropy": 1.0, "response/length_mean": 40.0 - s, "response/length_std": 5.0,
+             "rollout/logprob_gap_mean": 1e-5, **extra} for s in range(1, steps + 1)]
+
+
+def _plot_cli(*args):
+    return subprocess.run([sys.executable, "-m", "rlkit.plot", *map(str, args)],
+                          capture_output=True, text=True, timeout=120)
 
 
 def test_plot_overlays_runs(tmp_path):
-    for name, slope in (("a", 0.1), ("b", 0.2)):
-        run = tmp_path / name
-        run.mkdir()
-        rows = [{"step": s, "reward/mean": slope * s, "time/step": 2.0, "actor/entropy": 1.0} for s in range(1, 4)]
-        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = plot_runs([tmp_path / "a", tmp_path / "b"], tmp_path / "c.png", x="time")
+    a = _write_run(tmp_path / "a", _rows(0.1))
+    b = _write_run(tmp_path / "b", _rows(0.2))
+    out = plot_runs([a, b], tmp_path / "c.png", x="time", smooth=3)
     assert out.stat().st_size > 1000 and out.read_bytes()[:4] == b"\x89PNG"
-    assert read_metrics(tmp_path / "a")[2]["reward/mean"] == pytest.approx(0.3)
+    assert read_metrics(a)[2]["reward/mean"] == pytest.approx(0.3)
+
+
+def test_binary_reward_shows_one_reward_panel_and_the_useful_ones():
+    keys = [p.key for p in choose_panels([_rows(0.1)])]
+    assert keys == ["reward/mean", "response/length_mean", "actor/entropy", "rollout/logprob_gap_mean", "time/step"]
+    graded = [dict(r, **{"reward/mean": 0.5}) for r in _rows(0.1)]  # partial credit: reward != accuracy
+    assert [p.key for p in choose_panels([graded])][:2] == ["reward/mean", "reward/accuracy"]
+
+
+def test_eval_benchmarks_get_their_own_panels():
+    rows = _rows(0.1) + [{"step": 4, "eval/math500/pass@1": 0.2, "eval/gsm8k/pass@1": 0.3}]
+    panels = choose_panels([rows])
+    assert [p.key for p in panels][-2:] == ["eval/gsm8k/pass@1", "eval/math500/pass@1"]
+    assert not panels[-1].smooth
+
+
+def test_moving_average_is_trailing_and_keeps_length():
+    assert moving_average([1.0, 2.0, 3.0, 4.0, 5.0], 2) == [1.0, 1.5, 2.5, 3.5, 4.5]
+    assert moving_average([1.0, 2.0, 3.0], 1) == [1.0, 2.0, 3.0]
+    assert moving_average([3.0, 6.0], 5) == [3.0, 4.5]
+
+
+def test_truncated_last_line_is_skipped_with_a_warning(tmp_path, caplog):
+    run = _write_run(tmp_path / "crashed", _rows(0.1, steps=3), tail='{"step": 4, "reward/me')
+    assert [m["step"] for m in read_metrics(run)] == [1, 2, 3]
+    assert "line 4 is truncated" in caplog.text
+    result = _plot_cli(run, "--out", tmp_path / "x.png")
+    assert result.returncode == 0 and (tmp_path / "x.png").is_file()
+    assert "line 4 is truncated" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_broken_line_in_the_middle_is_named(tmp_path):
+    run = _write_run(tmp_path / "r", _rows(0.1, steps=1), tail="not json\n" + json.dumps(_rows(0.1)[1]) + "\n")
+    with pytest.raises(MetricsError, match=r"metrics.jsonl: line 2 is not JSON .* Fix: "):
+        read_metrics(run)
+
+
+@pytest.mark.parametrize("content, problem", [
+    ("", "holds no complete metrics line"),
+    ('{"step": 1, "rew', "holds no complete metrics line"),
+    ("[1, 2]\n", "line 1 is not a metrics row"),
+])
+def test_bad_files_fail_in_one_line_naming_the_file(tmp_path, content, problem):
+    run = tmp_path / "bad"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(content)
+    result = _plot_cli(run)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"rlkit.plot: {run / 'metrics.jsonl'}: {problem}") and "Fix: " in last
+    assert "Traceback" not in result.stderr
 
 
 def test_missing_run_names_the_path(tmp_path):
-    with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
-        read_metrics(tmp_path / "nope")
+    result = _plot_cli(tmp_path / "nope")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (f"rlkit.plot: {tmp_path / 'nope' / 'metrics.jsonl'}: not found. "
+                                     "Fix: pass a run directory (runs/<name>) that holds metrics.jsonl")
+
+
+def test_smooth_must_be_a_positive_window(tmp_path):
+    run = _write_run(tmp_path / "a", _rows(0.1))
+    result = _plot_cli(run, "--smooth", "0")
+    assert result.returncode == 2 and "--smooth" in result.stderr
