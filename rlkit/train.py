@@ -50,7 +50,7 @@ def default_choices(config_dir: Path) -> dict[str, str]:
     for entry in OmegaConf.to_container(OmegaConf.load(config_dir / "config.yaml")).get("defaults", []):
         if isinstance(entry, dict):
             for group, choice in entry.items():
-                group = group.removeprefix("optional ").strip()
+                group = group.removeprefix("optional ").split("@")[0].strip()
                 if not group.startswith("override ") and isinstance(choice, str):
                     choices[group] = choice
     return choices
@@ -68,9 +68,18 @@ def config_groups(config_dir: Path, defaults: dict[str, str]) -> dict[str, list[
     return groups
 
 
+def default_logging(config_dir: Path) -> DictConfig:
+    """The composed `logging` node of the default config, interpolations left as written."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(config_dir.resolve()), version_base="1.3"):
+        return compose("config").logging
+
+
 def help_text(config_dir: Path = Path(CONFIG_DIR), recipe_dir: Path = ROOT / "recipes") -> str:
     """rlkit's `--help`: what the command does, its groups, recipes and examples, where runs go."""
     defaults = default_choices(config_dir)
+    logs = OmegaConf.to_container(default_logging(config_dir), resolve=False)
     groups = config_groups(config_dir, defaults)
     lines = [
         "python -m rlkit.train: RL post-training of a language model on verifiable rewards (GRPO family).",
@@ -93,14 +102,15 @@ def help_text(config_dir: Path = Path(CONFIG_DIR), recipe_dir: Path = ROOT / "re
     lines += [f"  {left}\n      {what}" for left, what in examples]
     lines += [
         "",
-        "Runs are written to <logging.output_dir>/<logging.run_name>/ (default runs/<advantage>-<date>-<time>/):",
-        "  config.yaml, metrics.jsonl, samples.jsonl, checkpoints/step_N/, final/ (the trained HF model).",
-        "  Plot them with: python -m rlkit.plot runs/<name> [--smooth N]",
+        "Runs are written to <logging.output_dir>/<logging.run_name>/",
+        f"(default: {logs['output_dir']}/{logs['run_name']}/): config.yaml, metrics.jsonl, samples.jsonl,",
+        "checkpoints/step_N/ and final/ (the trained HF model, unless trainer.export_final=false).",
+        "Plot them: python -m rlkit.plot runs/<name> [runs/<other> ...] [--smooth N]",
         "",
         "More:",
         "  python -m rlkit.train --cfg job [KEY=VALUE ...]   print the composed config, values resolved",
         "  python -m rlkit.train --hydra-help                Hydra's own flags (multirun, --cfg, --info, ...)",
-        f"  {ROOT / 'README.md'} and {ROOT / 'docs'}/   the guide: methods, reward service, GPU, benchmarks",
+        f"  {ROOT / 'README.md'}, {ROOT / 'docs'}/: methods, reward service, GPU, benchmarks",
     ]
     return "\n".join(lines)
 

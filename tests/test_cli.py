@@ -37,9 +37,10 @@ def test_help_loads_no_model_code():
 
 def test_help_reads_new_choices_and_recipes_from_disk(tmp_path):
     configs, recipes = tmp_path / "configs", tmp_path / "recipes"
-    for folder in (configs / "data", configs / "base", recipes):
+    for folder in (configs / "data", configs / "base", configs / "logging", recipes):
         folder.mkdir(parents=True)
-    (configs / "config.yaml").write_text("defaults:\n  - data: tiny  # the data\n  - _self_\n")
+    (configs / "config.yaml").write_text("defaults:\n  - data: tiny  # the data\n  - logging: plain  # logs\n")
+    (configs / "logging" / "plain.yaml").write_text("output_dir: out  # root\nrun_name: x-${seed}  # name\n")
     (configs / "data" / "tiny.yaml").write_text("# Ten rows for smoke tests.\nsource: x  # where\n")
     (configs / "data" / "big.yaml").write_text("# A million rows.\nsource: y  # where\n")
     (configs / "base" / "data.yaml").write_text("# Keys shared by data choices.\nsplit: train  # split\n")
@@ -49,6 +50,7 @@ def test_help_reads_new_choices_and_recipes_from_disk(tmp_path):
     assert re.search(r"\n  data=big +A million rows\.\n", text)
     assert re.search(r"\n  \+recipe=mine +My method \(my paper, 2026\)\.\n", text)
     assert "base=" not in text  # shared base files are not choices
+    assert "(default: out/x-${seed}/)" in text
 
 
 @pytest.mark.parametrize("overrides, what", EXAMPLES)
