@@ -118,11 +118,6 @@ def _x_values(rows: list[dict], x: str) -> list[float]:
 
 def plot_runs(runs: list[Path], out: Path, *, x: str = "step", smooth: int = 1) -> Path:
     """Draw every run's curves into one PNG; with smooth > 1 a moving average over the faint raw curve."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     paths = [metrics_path(r) for r in runs]
     names = [p.parent.name if p.name == "metrics.jsonl" else p.stem for p in paths]
     labels = [name if names.count(name) == 1 else str(p) for name, p in zip(names, paths)]
@@ -131,6 +126,11 @@ def plot_runs(runs: list[Path], out: Path, *, x: str = "step", smooth: int = 1) 
     if not panels:
         raise MetricsError(f"{paths[0]}: none of the plotted metrics ({', '.join(p.key for p in TRAIN_PANELS)}) "
                            "is logged. Fix: pass the metrics.jsonl that rlkit.train writes")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     cols = 2 if len(panels) > 4 else 1
     rows_n = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows_n, cols, figsize=(6.5 * cols, 2.3 * rows_n), sharex=True, squeeze=False)
