@@ -97,7 +97,8 @@ def choose_panels(runs: list[list[dict]]) -> list[Panel]:
     (for a 0/1 reward they are the same curve), then one panel per `eval/<benchmark>/pass@1`."""
     rows = [m for run in runs for m in run]
     panels = [p for p in TRAIN_PANELS if any(_numeric(m.get(p.key)) for m in rows)]
-    same = all(m["reward/mean"] == m["reward/accuracy"] for m in rows if "reward/mean" in m and "reward/accuracy" in m)
+    same = all(abs(m["reward/mean"] - m["reward/accuracy"]) < 1e-6
+               for m in rows if _numeric(m.get("reward/mean")) and _numeric(m.get("reward/accuracy")))
     if same and {p.key for p in panels} >= {"reward/mean", "reward/accuracy"}:
         panels = [Panel("reward/mean", "reward (= accuracy)") if p.key == "reward/mean" else p
                   for p in panels if p.key != "reward/accuracy"]
@@ -150,14 +151,16 @@ def plot_runs(runs: list[Path], out: Path, *, x: str = "step", smooth: int = 1) 
                 py, spread = moving_average(py, n), moving_average(spread, n)
             ax.plot(px, py, color=color, marker="." if n == 1 else None, label=label)
             if panel.spread:
-                ax.fill_between(px, [max(a - b, 0.0) for a, b in zip(py, spread)], [a + b for a, b in zip(py, spread)],
-                                color=color, alpha=0.15, linewidth=0)
+                low, high = [max(a - b, 0.0) for a, b in zip(py, spread)], [a + b for a, b in zip(py, spread)]
+                ax.fill_between(px, low, high, color=color, alpha=0.15, linewidth=0)
     for ax, panel in zip(axes.flat, panels):
         ax.set_ylabel(panel.title, fontsize=8)
         ax.grid(alpha=0.3)
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
-    for ax in axes[-1]:
+    for column in range(cols):  # the lowest drawn panel of each column carries the x axis
+        ax = [a for a in axes[:, column] if a.get_visible()][-1]
+        ax.xaxis.set_tick_params(labelbottom=True)
         ax.set_xlabel("step" if x == "step" else "wall-clock minutes")
     axes[0, 0].legend(fontsize=8)
     if smooth > 1:
