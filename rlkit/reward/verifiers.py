@@ -19,15 +19,17 @@ import types
 import typing
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Callable
+from typing import Callable, Literal
 
 from rlkit.registry import Registry
 from rlkit.reward.extract import (
-    find_numbers,
-    gsm8k_reference,
-    last_boxed,
+    boxed_answer,
+    gsm8k_answer,
     last_number,
     normalize_number,
+    reference_answer,
+    standalone_numbers,
+    unescape_boxes,
 )
 
 
@@ -240,48 +242,112 @@ def load_math_verify() -> ModuleType:
     return math_verify
 
 
-def _unwrap_math_delimiters(text: str) -> str:
-    """``"$x$"`` / ``"$$x$$"`` -> ``"x"`` (an escaped ``"\\$"`` is a dollar sign, left alone)."""
-    text = text.strip()
-    for delim in ("$$", "$"):
-        if len(text) >= 2 * len(delim) and text.startswith(delim) and text.endswith(delim):
-            inner = text[len(delim) : -len(delim)]
-            if not inner.endswith("\\"):
-                return inner.strip()
-    return text
+MathTargets = Literal["latex+expr", "latex", "expr", "string"]
+
+
+@functools.lru_cache(maxsize=16)
+def _extraction_config(targets: MathTargets, strings: tuple[str, ...]) -> tuple:
+    """math-verify's extraction targets for the ``targets`` option (cached: the configs key its regex caches)."""
+    mv = load_math_verify()
+    configs = {
+        "latex": (mv.LatexExtractionConfig(),),
+        "expr": (mv.ExprExtractionConfig(),),
+        "latex+expr": (mv.LatexExtractionConfig(), mv.ExprExtractionConfig()),
+        "string": (mv.StringExtractionConfig(strings=strings),),
+    }
+    return configs[targets]
+
+
+def _as_math_text(answer: str, targets: MathTargets) -> str:
+    """An extracted answer as math-verify reads one best: inside ``$...$`` for LaTeX, as is otherwise."""
+    return f"${answer}$" if targets.startswith("latex") else answer
 
 
 @functools.lru_cache(maxsize=4096)
-def _parse_gold(answer: str) -> tuple:
-    """Parsed reference answer (cached: a group's n samples share one reference)."""
+def _parse_cached(text: str, config: tuple) -> tuple:
+    """math-verify's parse of a reference (cached: a group's n samples share one reference)."""
+    return tuple(load_math_verify().parse(text, list(config), parsing_timeout=None, raise_on_error=True))
+
+
+def _printed(parsed: list) -> str | None:
+    """The text math-verify extracted (the string it returns after the parsed value), else the value printed."""
+    texts = [p for p in parsed if isinstance(p, str)]
+    return texts[-1] if texts else (str(parsed[0]) if parsed else None)
+
+
+def _equivalent(gold: tuple, pred: list, options: dict) -> bool:
+    """``math_verify.verify(gold, pred)``, one (gold, pred) pair of parses at a time.
+
+    math-verify parses an answer to a value and its text (``"12:00"`` -> ``[zoo, "12:00"]``);
+    with ``raise_on_error=True`` one failing pair (``zoo`` cannot be compared) would end the
+    whole comparison before the texts are compared. Here a failing pair is passed over; the
+    first error is raised only when no pair could be compared at all.
+    """
     mv = load_math_verify()
-    return tuple(mv.parse(f"${answer}$", parsing_timeout=None, raise_on_error=True))
+    compared, first_error = False, None
+    for g in gold:
+        for p in pred:
+            try:
+                if mv.verify(g, p, timeout_seconds=None, raise_on_error=True, **options):
+                    return True
+                compared = True
+            except Exception as err:  # this pair only; the others still decide
+                first_error = first_error or err
+    if not compared and first_error is not None:
+        raise first_error
+    return False
 
 
 @VERIFIERS.register("math")
-def math_verifier(response: str, reference: str, *, fallback_last_number: bool = True) -> Score:
+def math_verifier(
+    response: str,
+    reference: str,
+    *,
+    fallback_last_number: bool = True,
+    targets: MathTargets = "latex+expr",
+    strings: tuple[str, ...] = ("A", "B", "C", "D"),
+    float_rounding: int = 6,
+    strict: bool = True,
+    allow_set_relation_comp: bool = False,
+) -> Score:
     """math-verify equivalence of the response's final answer with the reference.
 
-    Final answer: the content of the last ``\\boxed{}``/``\\fbox{}``; if the response has
-    no box and ``fallback_last_number``, the last number in the text. The reference may
-    be a bare answer (``"3/4"``, ``"\\frac{3}{4}"``, ``"(1,2]"``, ``"50\\%"``), ``$``-wrapped,
-    or a full solution with a box. Both are parsed as ``$answer$`` (LaTeX + expression
-    extraction) and compared with ``math_verify.verify(gold, pred)``. Reward 1.0 / 0.0.
+    Reference: read by `rlkit.reward.extract.reference_answer` (the final group of boxes of a
+    full solution, a ``####`` answer, or a bare answer with or without math delimiters), then
+    parsed by math-verify; unscorable (``bad_reference``) only if nothing can be parsed.
+    Response: the final group of boxes (``\\boxed{1} and \\boxed{2}`` is the answer ``1, 2``;
+    a box that never closes does not count). Without a box, and if ``fallback_last_number``,
+    math-verify's own extraction over the whole text: the last math span (``$...$``,
+    ``\\(...\\)``, ``\\[...\\]``), an ``answer: ...`` phrase, or a number standing alone;
+    with ``fallback_last_number=False`` only a boxed answer counts. ``extracted`` is the
+    text that was compared. Reward 1.0 / 0.0.
+
+    targets: what math-verify extracts: ``"latex+expr"`` (LaTeX, then plain expressions),
+        ``"latex"``, ``"expr"``, or ``"string"`` (one of ``strings``: multiple-choice letters,
+        ``"The answer is A."`` against ``"A"``).
+    float_rounding, strict, allow_set_relation_comp: math-verify's comparison options
+        (decimal places kept for floats; variables and set/tuple types must match;
+        ``1 < x < 2`` may equal ``(1, 2)``).
     """
-    extracted = last_boxed(response)
-    if extracted is None and fallback_last_number:
-        extracted = last_number(response)
-    boxed_reference = last_boxed(reference)
-    gold_text = _unwrap_math_delimiters(reference if boxed_reference is None else boxed_reference)
-    gold = _parse_gold(gold_text) if gold_text else ()
+    config = _extraction_config(targets, tuple(strings))
+    gold_text = reference_answer(reference)
+    gold = _parse_cached(_as_math_text(gold_text, targets), config) if gold_text else ()
+    boxed = boxed_answer(response)
+    mv = load_math_verify()
+    if boxed is not None:
+        extracted = boxed
+        pred = mv.parse(_as_math_text(boxed, targets), list(config), parsing_timeout=None, raise_on_error=True) if boxed else []
+    elif fallback_last_number:
+        pred = mv.parse(unescape_boxes(response), list(config), parsing_timeout=None, raise_on_error=True)
+        extracted = _printed(pred)
+    else:
+        pred, extracted = [], None
     if not gold:
         return Score(None, False, extracted, "bad_reference")
-    if extracted is None or not extracted.strip():
+    if not pred:
         return Score(0.0, False, None, "no_answer")
-    mv = load_math_verify()
-    pred_text = _unwrap_math_delimiters(extracted).replace("\u2212", "-")
-    pred = mv.parse(f"${pred_text}$", parsing_timeout=None, raise_on_error=True)
-    correct = bool(mv.verify(list(gold), pred, timeout_seconds=None, raise_on_error=True))
+    options = {"float_rounding": float_rounding, "strict": strict, "allow_set_relation_comp": allow_set_relation_comp}
+    correct = _equivalent(gold, pred, options)
     return Score(1.0 if correct else 0.0, correct, extracted, None)
 
 
@@ -294,30 +360,36 @@ _GSM8K_REL_TOL = 1e-6
 
 
 def _as_number(answer: str) -> float | None:
-    """``answer`` as a number; else the one number inside it ("$18 a day" -> 18); else None."""
+    """``answer`` as a number; else the one number inside it, if it stands alone and no other digit is
+    there ("$18 a day" -> 18, "18 or 19" and "18 \\boxed{19}" -> None); else None."""
     value = normalize_number(answer)
     if value is not None:
         return value
-    numbers = find_numbers(answer)
-    return normalize_number(numbers[0]) if len(numbers) == 1 else None
+    numbers = standalone_numbers(answer)
+    if len(numbers) != 1 or any(ch.isdigit() for ch in answer.replace(numbers[0], "", 1)):
+        return None
+    return normalize_number(numbers[0])
 
 
 @VERIFIERS.register("gsm8k")
 def gsm8k_verifier(response: str, reference: str) -> Score:
     """Numeric match of the response's final answer with a GSM8K reference.
 
-    Reference: a GSM8K solution ending ``#### 72`` or a bare number. Prediction: the
-    answer after the last ``####`` if present, else the last ``\\boxed{}``, else the last
-    number; commas, ``$`` and a trailing ``.`` are stripped, and an answer with words
-    around a single number ("18 dollars") counts as that number. Correct when
-    ``|pred - gold| <= 1e-6 * max(1, |gold|)``. Reward 1.0 / 0.0.
+    Reference: read by `rlkit.reward.extract.reference_answer` (a GSM8K solution ending
+    ``#### 72``, a boxed answer or a bare number); it must be one number. Prediction: the
+    answer after the last ``####`` if present, else the final group of boxes, else the last
+    number that stands alone (not the ``2`` of ``1/2`` or ``x^2``). Numbers are read
+    strictly: ``$``, a trailing ``.`` and ``%`` are dropped, commas only as thousands
+    separators (``1,000`` but not ``1,2,3``), a ``-`` sign counts; an answer with words around
+    one number ("18 dollars") counts as that number, one with two numbers ("3/4", "1, 2")
+    as none. Correct when ``|pred - gold| <= 1e-6 * max(1, |gold|)``. Reward 1.0 / 0.0.
     """
-    extracted = gsm8k_reference(response)
+    extracted = gsm8k_answer(response)
     if extracted is None:
-        extracted = last_boxed(response)
+        extracted = boxed_answer(response)
     if extracted is None:
         extracted = last_number(response)
-    gold_text = gsm8k_reference(reference) if "####" in reference else reference
+    gold_text = reference_answer(reference)
     gold = normalize_number(gold_text) if gold_text is not None else None
     if gold is None:
         return Score(None, False, extracted, "bad_reference")
