@@ -124,6 +124,8 @@ def hydra_argv(argv: list[str]) -> list[str]:
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def run(cfg: DictConfig) -> None:
+    from rlkit.data import DataError
+
     logging.getLogger("rlkit").setLevel(logging.INFO)
     try:
         validate(cfg)
@@ -133,7 +135,11 @@ def run(cfg: DictConfig) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from rlkit.trainer.trainer import Trainer
 
-    Trainer(cfg).fit()
+    try:
+        Trainer(cfg).fit()
+    except DataError as err:
+        print(refusal("bad config/data", err), file=sys.stderr)
+        sys.exit(2)
 
 
 def main() -> None:

@@ -81,3 +81,4 @@ def test_refusal_is_one_line():
     assert refusal("bad config/data", err) == ("rlkit: bad config/data: data.answer_column: column 'answer' not in "
                                                "my.jsonl (columns: question, solution). Fix: set "
                                                "data.answer_column=solution")
+
