@@ -12,6 +12,9 @@ from rlkit.rollout.base import Completion, SamplingConfig
 def _configure_vllm_env(cpu_threads: str | None) -> None:
     """Environment vLLM reads at import/start; set before vllm is imported."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in this process
+    if "VLLM_LOGGING_CONFIG_PATH" not in os.environ:  # vLLM refuses a config file with its logging off
+        # rlkit routes vLLM's records (rlkit.logs); vLLM would replace that with its own stdout handler.
+        os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
     if not torch.cuda.is_available():
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM otherwise reserves ~17 GiB
         # vLLM pins its worker to one core by default; bind every core we have.
