@@ -1,13 +1,18 @@
 """VerifierPool on CPU: input order, per-item timeouts and crashes enforced from outside, clean shutdown."""
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
+from typing import Literal
 
 import psutil
 import pytest
 
 from rlkit.reward import Score, VerifierPool, score_one
+from rlkit.reward.pool import _OWN_DEADLINE_MARGIN_S
+from rlkit.reward.verifiers import check_options
 
 BEHAVE = "verifier_fixtures:behave"  # tests/verifier_fixtures.py; its response text picks a failure mode
 
@@ -193,3 +198,91 @@ def test_invalid_construction_and_inputs_fail_clearly():
             pool.score(["1", "2"], ["1", 2])
         with pytest.raises(TypeError, match="lists of strings"):
             pool.score("1", "1")
+
+
+_PARENT = """
+from rlkit.reward import VerifierPool
+pool = VerifierPool("math", num_workers=1, timeout_s=600)
+pool.score(["\\\\boxed{1}"], ["1"])  # the worker is up
+print("scoring", flush=True)
+pool.score(["\\\\boxed{9^{9^{9^{9}}}}"], ["1"])  # sympy computes this in one C call, holding the GIL
+"""
+
+
+def test_a_busy_worker_dies_with_its_killed_parent():
+    """A SIGKILLed parent cannot stop its workers: they must end themselves, even mid-item."""
+    path = os.pathsep.join([str(Path(__file__).parent), *sys.path])
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT], env=dict(os.environ, PYTHONPATH=path),
+                              stdout=subprocess.PIPE, text=True)
+    workers = []
+    try:
+        assert parent.stdout.readline() == "scoring\n"
+        workers = psutil.Process(parent.pid).children()
+        assert len(workers) == 1
+        time.sleep(0.3)  # the worker is inside the item: it reads nothing, and no Python thread of it runs
+        parent.kill()
+        parent.wait()
+        _, alive = psutil.wait_procs(workers, timeout=3)
+        assert not alive, "the worker outlived its killed parent"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        for worker in workers:  # only if the test failed
+            if worker.is_running():
+                worker.kill()
+
+
+def test_a_worker_ends_itself_once_an_item_overruns_its_own_deadline():
+    """Second line of defence: without the parent's timeout, the worker's own SIGALRM ends it."""
+    with VerifierPool(BEHAVE, num_workers=1, timeout_s=0.5) as pool:
+        pool.score(["a"], ["a"])
+        worker = pool._workers[0]  # bypass the parent's timeout: hand it an item and never watch it
+        worker.conn.send(("hang", "x"))
+        start = time.monotonic()
+        assert worker.process.wait(10) == -signal.SIGALRM
+        assert 0.5 < time.monotonic() - start < 0.5 + _OWN_DEADLINE_MARGIN_S + 2.0
+
+
+def _typed(response: str, reference: str, *, flag: bool = True, digits: int | None = None, scale: float = 1.0,
+           mode: Literal["latex", "expr"] = "latex", targets: tuple[str, ...] = (), untyped=None,
+           table: dict | None = None) -> Score:
+    return Score(1.0, True, response, None)
+
+
+@pytest.mark.parametrize("options", [
+    {}, {"flag": False}, {"digits": 3}, {"digits": None}, {"scale": 2}, {"scale": 0.5}, {"mode": "expr"},
+    {"targets": ["latex", "expr"]}, {"targets": ()},
+])
+def test_option_values_of_the_declared_type_pass(options):
+    check_options("typed", _typed, options)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"flag": 1}, "options.flag: verifier 'typed' expects bool, got int 1. Fix: give a value of type bool, "
+                  "or leave it out for the default True"),
+    ({"flag": [1, 2]}, "expects bool, got list [1, 2]"),
+    ({"digits": True}, "expects int | None, got bool True"),  # bool is not an int here
+    ({"digits": 2.0}, "expects int | None, got float 2.0"),
+    ({"scale": float("inf")}, "expects float, got float inf"),
+    ({"scale": float("nan")}, "expects float, got float nan"),
+    ({"scale": 10**400}, "expects float, got int 1000"),
+    ({"mode": "LATEX"}, "expects Literal['latex', 'expr'], got str 'LATEX'"),
+    ({"targets": "latex"}, "expects tuple[str, ...], got str 'latex'"),
+    ({"targets": ["latex", 3]}, "expects tuple[str, ...], got list ['latex', 3]"),
+    ({"untyped": 1}, "options.untyped: verifier 'typed' declares no type for this option, which rlkit cannot check. "
+                     "Fix: annotate"),
+    ({"table": {}}, "declares type dict | None for this option"),
+    ({"flgs": True}, "cannot take options ['flgs']"),
+])
+def test_option_values_of_another_type_are_refused_naming_option_and_types(options, message):
+    with pytest.raises(TypeError) as err:
+        check_options("typed", _typed, options)
+    assert message in str(err.value)
+
+
+def test_verifier_pool_refuses_an_option_of_the_wrong_type_before_starting_workers():
+    baseline = _children()
+    with pytest.raises(TypeError, match="options.fallback_last_number: verifier 'math' expects bool, got str 'no'"):
+        VerifierPool("math", num_workers=2, options={"fallback_last_number": "no"})
+    assert _children() == baseline

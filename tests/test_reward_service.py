@@ -1,6 +1,7 @@
 """Verifier-reward service on CPU: HTTP scoring equals in-process scoring; hostile input, faults,
 restarts, auth and shutdown are each answered cleanly while the service keeps serving."""
 import json
+import logging
 import os
 import signal
 import socket
@@ -53,8 +54,8 @@ def _alive(pids) -> list[int]:
 class _Service:
     """The service on loopback (port 0: an ephemeral one), run by uvicorn in a thread."""
 
-    def __init__(self, settings: ServiceSettings, *, grace_s: float = 5.0, port: int = 0):
-        self.server = build_server(settings, port=port, grace_s=grace_s, log_level="warning")
+    def __init__(self, settings: ServiceSettings, *, grace_s: float = 5.0, port: int = 0, **server_options):
+        self.server = build_server(settings, port=port, grace_s=grace_s, log_level="warning", **server_options)
         self._thread = threading.Thread(target=self.server.run, daemon=True)
         self._thread.start()
         deadline = time.monotonic() + 20
@@ -109,9 +110,10 @@ def fast(no_orphans):
         yield url, server
 
 
-def _post(url: str, body, **kwargs) -> httpx.Response:
+def _post(url: str, body, headers=None, **kwargs) -> httpx.Response:
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return httpx.post(f"{url}/score", content=content, timeout=30, **kwargs)
+    headers = {"Content-Type": "application/json", **(headers or {})}
+    return httpx.post(f"{url}/score", content=content, headers=headers, timeout=30, **kwargs)
 
 
 def _metric(url: str, line_start: str, headers=None) -> float:
@@ -338,10 +340,9 @@ def test_metrics_are_prometheus_text(service):
 # --------------------------------------------------------------------------- limits, auth, faults
 
 
-def test_queue_and_pool_limits():
-    option = "verifier_fixtures:with_option"
-    settings = ServiceSettings(workers=1, timeout_s=TIMEOUT_S, max_queued_items=3, max_items=3, max_pools=2,
-                               extra_verifiers=(BEHAVE, option))
+def test_queue_limit():
+    settings = ServiceSettings(workers=1, timeout_s=TIMEOUT_S, max_queued_items=3, max_items=3,
+                               extra_verifiers=(BEHAVE,))
     two = [{"response": "a", "reference": "a"}] * 2
     with running(settings) as (url, _):
         hanging = threading.Thread(target=_post, args=(url, {"verifier": BEHAVE, "items": [
@@ -356,10 +357,36 @@ def test_queue_and_pool_limits():
                 client.score(["a"] * 2, ["a"] * 2)
         hanging.join()
         assert _post(url, {"verifier": BEHAVE, "items": two}).status_code == 200  # room again
-        first = _post(url, {"verifier": option, "options": {"scale": 2.0}, "items": two[:1]})
-        assert first.json()["results"][0]["reward"] == 2.0
-        second = _post(url, {"verifier": option, "options": {"scale": 3.0}, "items": []})
-        assert second.status_code == 422 and "--max-pools 2" in second.json()["detail"]
+
+
+def test_idle_pools_are_evicted_least_recently_used_first():
+    option = "verifier_fixtures:with_option"
+    settings = ServiceSettings(workers=1, timeout_s=TIMEOUT_S, max_pools=2, extra_verifiers=(BEHAVE, option))
+    with running(settings) as (url, _):
+        before = _children()
+        for scale in (1.0, 2.0, 3.0, 4.0, 2.0, 5.0, 6.0):  # many configurations, two live at a time
+            answer = _post(url, {"verifier": option, "options": {"scale": scale}, "items": [{"response": "a",
+                                                                                             "reference": "a"}]})
+            assert answer.status_code == 200 and answer.json()["results"][0]["reward"] == scale
+        assert [pool["options"] for pool in httpx.get(f"{url}/ready").json()["pools"]] == [{"scale": 5.0},
+                                                                                           {"scale": 6.0}]
+        deadline = time.monotonic() + 10
+        while len(_alive(_children() - before)) > 2:  # evicted pools' workers exit in the background
+            assert time.monotonic() < deadline, "evicted pools' workers are still alive"
+            time.sleep(0.05)
+        # pools that are scoring are never evicted: one request holding both (a hang and scale 7) makes a
+        # third configuration wait (503, retried by clients)
+        held = threading.Thread(target=_post, args=(url, {"items": [
+            {"response": "hang", "reference": "a", "verifier": BEHAVE},
+            {"response": "a", "reference": "a", "verifier": option, "options": {"scale": 7.0}}]}))
+        held.start()
+        _wait_for(url, "rlkit_reward_inflight_requests", 1)
+        answer = _post(url, {"verifier": option, "options": {"scale": 9.0}, "items": []})
+        assert answer.status_code == 503 and "are scoring; retry shortly" in answer.json()["detail"]
+        held.join()
+        many = [{"response": "a", "reference": "a", "options": {"scale": float(i)}} for i in range(3)]
+        answer = _post(url, {"verifier": option, "items": many})
+        assert answer.status_code == 422 and "more than 2 (verifier, options) configurations" in answer.json()["detail"]
 
 
 def test_settings_refuse_limits_that_cannot_work():
@@ -497,3 +524,128 @@ def test_sigterm_answers_in_flight_requests_and_stops_every_worker():
         if service.poll() is None:
             service.kill()
             service.wait()
+
+
+# --------------------------------------------------------------------------- slow and hostile clients
+
+
+def _stall(port: int, request: bytes) -> socket.socket:
+    """A connection that sends ``request`` and then nothing."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    sock.sendall(request)
+    return sock
+
+
+def _closed_by_server(sock: socket.socket, timeout_s: float) -> bool:
+    sock.settimeout(timeout_s)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+STALLED_BODY = (b"POST /score HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 100\r\n\r\n{")
+
+
+def test_stalled_connections_are_closed_and_health_keeps_answering():
+    settings = ServiceSettings(workers=1, timeout_s=TIMEOUT_S, extra_verifiers=(BEHAVE,))
+    with running(settings, read_timeout_s=1.5, max_connections=64) as (url, server):
+        port = int(url.rsplit(":", 1)[1])
+        stalled = [_stall(port, STALLED_BODY) for _ in range(300)]  # headers and "{", then nothing
+        stalled += [_stall(port, b"GET /health HTTP/1.1\r\nHo"), _stall(port, b"")]  # half a header; nothing
+        try:
+            start = time.monotonic()
+            assert httpx.get(f"{url}/health", timeout=5).status_code == 200
+            assert time.monotonic() - start < 1.0
+            _assert_serving(url)
+            # past --read-timeout-s every stalled connection is gone, the newest included
+            assert all(_closed_by_server(sock, 5.0) for sock in stalled[-66:])
+        finally:
+            for sock in stalled:
+                sock.close()
+        codes = {code: _metric(url, f'rlkit_reward_requests_total{{code="{code}"}}') for code in (408, 500, 503)}
+        assert codes[500] == 0 and codes[408] >= 1 and codes[503] >= 300 - 64  # made room / timed out
+        assert len(server.server_state.connections) <= 2  # only the metrics probes' own
+
+
+def test_client_disconnect_is_one_log_line_not_an_error(caplog):
+    settings = ServiceSettings(workers=1, timeout_s=TIMEOUT_S, extra_verifiers=(BEHAVE,))
+    with running(settings) as (url, _):
+        errors = logging.getLogger("uvicorn.error")  # uvicorn's loggers do not propagate to pytest's handler
+        errors.addHandler(caplog.handler)
+        try:
+            with caplog.at_level(logging.INFO, logger="rlkit.reward"):
+                sock = _stall(int(url.rsplit(":", 1)[1]), STALLED_BODY)
+                time.sleep(0.2)  # the app is reading the body
+                sock.close()
+                _wait_for(url, 'rlkit_reward_requests_total{code="499"}', 1)
+        finally:
+            errors.removeHandler(caplog.handler)
+        lines = [r for r in caplog.records if r.name.startswith(("rlkit", "uvicorn"))]
+        assert [(r.levelname, r.getMessage().split(" from ")[0]) for r in lines] == [("INFO", "request")]
+        assert "ended before its body arrived: the client closed the connection" in lines[0].getMessage()
+        assert "\n" not in lines[0].getMessage() and lines[0].exc_info is None
+        assert _metric(url, 'rlkit_reward_requests_total{code="500"}') == 0
+        _assert_serving(url)
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x"])
+def test_score_requires_a_json_content_type(service, content_type):
+    url, _ = service
+    body = json.dumps({"verifier": BEHAVE, "items": [{"response": "a", "reference": "a"}]}).encode()
+    headers = {} if content_type is None else {"Content-Type": content_type}
+    answer = httpx.post(f"{url}/score", content=body, headers=headers, timeout=30)
+    assert answer.status_code == 415
+    assert "Content-Type must be application/json" in answer.json()["detail"]
+    answer = httpx.post(f"{url}/score", content=body, headers={"Content-Type": "Application/JSON; charset=utf-8"})
+    assert answer.status_code == 200
+
+
+@pytest.mark.parametrize("body, detail", [
+    (b'{"verifier": "math", "items": [], "options": {"fallback_last_number": [1, 2]}}', "got list [1, 2]"),
+    (b'{"verifier": "math", "items": [], "options": {"fallback_last_number": 1e999}}', "got float inf"),
+    (b'{"verifier": "math", "items": [], "options": {"fallback_last_number": 2}}', "got int 2"),
+    (b'{"verifier": "math", "items": [], "options": {"fallback_last_number": "yes"}}', "got str 'yes'"),
+    (b'{"verifier": "math", "items": [{"response": "1", "reference": "1", "options": '
+     b'{"fallback_last_number": null}}]}', "items[0]: options.fallback_last_number: verifier 'math' expects bool, "
+                                          "got None None"),
+])
+def test_option_values_of_the_wrong_type_are_refused_before_any_pool_starts(service, body, detail):
+    url, _ = service
+    pools = _metric(url, "rlkit_reward_pools")
+    answer = _post(url, body)
+    assert answer.status_code == 422
+    assert "options.fallback_last_number: verifier 'math' expects bool" in answer.json()["detail"]
+    assert detail in answer.json()["detail"]
+    assert _metric(url, "rlkit_reward_pools") == pools
+
+
+def test_sigterm_with_a_stalled_connection_exits_at_once_and_quietly():
+    port = _free_port()
+    command = [sys.executable, "-m", "rlkit.reward.serve", "--port", str(port), "--workers", "1", "--grace-s", "30",
+               "--verifier", BEHAVE]
+    service = subprocess.Popen(command, env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), *sys.path])),
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        with RewardClient(f"http://127.0.0.1:{port}", verifier=BEHAVE, retries=200, backoff_s=0.05,
+                          max_backoff_s=0.2) as client:
+            assert client.score(["a"], ["a"])[0].reward == 1.0  # retried until the service is up
+        sock = _stall(port, STALLED_BODY)
+        time.sleep(0.2)
+        start = time.monotonic()
+        service.send_signal(signal.SIGTERM)
+        _, log = service.communicate(timeout=10)
+        took = time.monotonic() - start
+        sock.close()
+    finally:
+        if service.poll() is None:
+            service.kill()
+            service.wait()
+    assert service.returncode == -signal.SIGTERM  # uvicorn re-raises the signal once it has shut down
+    assert took < 3.0  # nothing was being scored: --grace-s is not waited for
+    assert "Traceback" not in log and "ERROR" not in log and "CancelledError" not in log
+    assert "ended before its body arrived: the service is shutting down" in log

@@ -10,9 +10,16 @@ connections with a deadline per item; a worker that misses its deadline is kille
 replaced, one that dies is replaced, and only the item it held becomes unscorable.
 Workers import the verifier's dependencies once at start-up (``prepare``, about 2 s
 for math-verify), so keep one pool for the whole run.
+
+Workers never outlive their parent, even in the middle of a long item: on Linux the kernel
+kills them when the thread that started them ends (``PR_SET_PDEATHSIG``; a pool's workers
+are started by the threads that call it), elsewhere a watcher thread in the worker notices
+the new parent. As a last line of defence each worker ends itself (SIGALRM, default action)
+once an item runs ``_OWN_DEADLINE_MARGIN_S`` past the parent's timeout.
 """
 from __future__ import annotations
 
+import ctypes
 import enum
 import os
 import pickle
@@ -30,9 +37,12 @@ from multiprocessing.connection import Connection, wait
 from rlkit.reward.verifiers import VERIFIERS, Score, check_options, score_one
 
 # The worker's whole command line: everything else arrives over the connection.
-_BOOTSTRAP = "import sys; from rlkit.reward.pool import _worker_main; _worker_main(int(sys.argv[1]))"
+_BOOTSTRAP = "import sys; from rlkit.reward.pool import _worker_main; _worker_main(int(sys.argv[1]), int(sys.argv[2]))"
 _READY = "ready"
 _KILL_GRACE_S = 1.0
+_OWN_DEADLINE_MARGIN_S = 2.0  # a worker past its timeout by this much ends itself; the parent kills it sooner
+_PARENT_POLL_S = 0.5
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 class _State(enum.Enum):
@@ -50,14 +60,17 @@ class _Worker:
     item: int | None = None
 
 
-def _worker_main(fd: int) -> None:
-    """Worker process: receive (verifier, options), prepare once, then score items until told to stop."""
+def _worker_main(fd: int, parent_pid: int) -> None:
+    """Worker process: receive (verifier, options, timeouts), prepare once, then score items until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    _die_with_parent(parent_pid)
     conn = Connection(fd)
-    verifier, options = conn.recv()
+    verifier, options, timeout_s, startup_timeout_s = conn.recv()
     prepare = getattr(VERIFIERS.get(verifier), "prepare", None)
     if prepare is not None:
+        _own_deadline(startup_timeout_s + _OWN_DEADLINE_MARGIN_S)
         prepare()
+        _own_deadline(0.0)
     conn.send(_READY)
     while True:
         try:
@@ -67,7 +80,32 @@ def _worker_main(fd: int) -> None:
         if message is None:
             return
         response, reference = message
-        conn.send(score_one(verifier, response, reference, options))
+        _own_deadline(timeout_s + _OWN_DEADLINE_MARGIN_S)
+        score = score_one(verifier, response, reference, options)
+        _own_deadline(0.0)
+        conn.send(score)
+
+
+def _own_deadline(seconds: float) -> None:
+    """End this process ``seconds`` from now, even inside a long C call (0: cancel): SIGALRM's default action."""
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)  # a verifier may have installed its own handler
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Have this worker killed when its parent ends: PR_SET_PDEATHSIG on Linux, and a watcher thread."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the parent ended before prctl took effect
+        os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent_pid,), name="watch-parent", daemon=True).start()
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """Exit once this process is re-parented (where PR_SET_PDEATHSIG does not exist; needs the GIL)."""
+    while os.getppid() == parent_pid:
+        time.sleep(_PARENT_POLL_S)
+    os._exit(1)
 
 
 def _import_path() -> str:
@@ -113,6 +151,7 @@ class VerifierPool:
         self.stats: dict[str, int] = dict(scored=0, unscorable=0, timeouts=0, crashes=0, restarts=0)
         self._lock = threading.Lock()
         self._closed = False
+        self._aborted = False
         self._workers: list[_Worker] = []  # replaced in place, so the finalizer sees the live list
         self._finalizer = weakref.finalize(self, _close_all, self._workers)
         # Started now and not awaited: start-up (imports) overlaps whatever the caller does next.
@@ -146,6 +185,14 @@ class VerifierPool:
         with self._lock:
             self._close_workers()
 
+    def abort(self) -> None:
+        """Kill every worker now, from any thread (for shutdown: a ``score`` in progress then raises
+        instead of replacing them, and nobody waits for its items). ``close`` still reaps them."""
+        self._aborted = True
+        for worker in list(self._workers):
+            if worker.process.poll() is None:
+                worker.process.kill()
+
     def __enter__(self) -> VerifierPool:
         return self
 
@@ -158,17 +205,19 @@ class VerifierPool:
         parent_sock, child_sock = socket.socketpair()
         with child_sock:
             process = subprocess.Popen(
-                [sys.executable, "-c", _BOOTSTRAP, str(child_sock.fileno())],
+                [sys.executable, "-c", _BOOTSTRAP, str(child_sock.fileno()), str(os.getpid())],
                 pass_fds=(child_sock.fileno(),),
                 env=dict(os.environ, PYTHONPATH=_import_path()),
             )
         # Only the child holds its end now, so the child's death reads as EOF here.
         conn = Connection(parent_sock.detach())
-        conn.send((self.verifier, self.options))
+        conn.send((self.verifier, self.options, self.timeout_s, self.startup_timeout_s))
         return _Worker(process, conn, _State.STARTING, time.monotonic() + self.startup_timeout_s)
 
     def _replace(self, index: int) -> None:
         _stop(self._workers[index], grace_s=0.0)
+        if self._aborted:
+            raise RuntimeError("VerifierPool was aborted while scoring; its workers are gone")
         self._workers[index] = self._start_worker()
         self.stats["restarts"] += 1
 

@@ -3,8 +3,14 @@
 Binds 127.0.0.1 unless told otherwise. ``--token-env NAME`` requires ``Authorization:
 Bearer $NAME`` on /score and /metrics (the token is read from the environment, never from
 the command line, so it does not show in ``ps``). On SIGTERM / Ctrl-C the service stops
-accepting connections, gives in-flight requests ``--grace-s`` to finish, answers what is
-left with 503, then stops every worker process. See docs/reward_service.md.
+accepting connections, closes those still sending a request, gives requests being scored
+``--grace-s`` to finish, answers what is left with 503, then kills every worker process.
+
+Slow or stalled clients cannot hold the service: a connection must deliver a complete
+request (headers and body) within ``--read-timeout-s`` of opening (or of its previous
+answer), else it is closed; past ``--max-connections`` the connection that has waited
+longest on its client is closed to make room, so /health keeps answering. See
+docs/reward_service.md.
 """
 from __future__ import annotations
 
@@ -17,10 +23,88 @@ import socket
 import sys
 
 import uvicorn
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-from rlkit.reward.service import RewardService, ServiceSettings, create_app
+from rlkit.reward.service import CLOSED_BY_SERVER, RewardService, ServiceSettings, create_app
 
 log = logging.getLogger("rlkit.reward.serve")
+
+
+class _GuardedConnection:
+    """Mixin over uvicorn's HTTP/1.1 protocol (httptools or h11): a read deadline per request, a cap on
+    open connections, and a shutdown that closes connections still waiting on their client.
+
+    Uses what both uvicorn protocols share: ``connections`` (the server's set), ``cycle`` (the current
+    request: ``more_body`` until its body is in, ``response_complete``, ``scope``), ``transport``,
+    ``client``, ``loop``, and the ``connection_made`` / ``on_response_complete`` / ``connection_lost`` /
+    ``shutdown`` hooks.
+    """
+
+    read_timeout_s: float
+    max_connections: int
+    _since = 0.0  # when this connection began waiting for its current request
+    _timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        super().connection_made(transport)
+        self._arm()
+        if len(self.connections) > self.max_connections:
+            self._make_room()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._arm()  # the next request on this connection gets its own read_timeout_s
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        super().connection_lost(exc)
+
+    def shutdown(self) -> None:
+        if self._waiting_on_client():
+            self._close(503, "the service is shutting down")
+        else:
+            super().shutdown()  # the request is being answered: close after it
+
+    def _waiting_on_client(self) -> bool:
+        cycle = self.cycle
+        return cycle is None or cycle.response_complete or cycle.more_body
+
+    def _arm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._since = self.loop.time()
+        self._timer = self.loop.call_later(self.read_timeout_s, self._expire)
+
+    def _expire(self) -> None:
+        if self._waiting_on_client() and not self.transport.is_closing():
+            self._close(408, f"no complete request within {self.read_timeout_s:g} s (--read-timeout-s)")
+
+    def _make_room(self) -> None:
+        waiting = [c for c in self.connections if c is not self and c._waiting_on_client()]
+        if not waiting:
+            self._close(503, f"all {self.max_connections} connections are busy (--max-connections)")
+            return
+        oldest = min(waiting, key=lambda c: c._since)
+        oldest._close(503, f"closed to make room: it waited longest of {self.max_connections} connections "
+                           f"(--max-connections)")
+
+    def _close(self, status: int, reason: str) -> None:
+        """Close the connection with one log line: the app's (which sees a disconnect) while it reads a body."""
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete and cycle.more_body:
+            cycle.scope[CLOSED_BY_SERVER] = (status, reason)
+        else:
+            peer = "%s:%d" % self.client if self.client else "unknown client"
+            log.info("closed connection from %s: %s", peer, reason)
+        self.transport.close()
+
+
+def guarded_protocol(read_timeout_s: float, max_connections: int) -> type[asyncio.Protocol]:
+    """uvicorn's default HTTP protocol class with ``_GuardedConnection``'s limits."""
+    return type("GuardedHTTPProtocol", (_GuardedConnection, AutoHTTPProtocol),
+                {"read_timeout_s": read_timeout_s, "max_connections": max_connections})
 
 
 class DrainingServer(uvicorn.Server):
@@ -45,16 +129,21 @@ class DrainingServer(uvicorn.Server):
 
 
 def build_server(settings: ServiceSettings, *, host: str = "127.0.0.1", port: int = 8000, grace_s: float = 30.0,
-                 limit_concurrency: int = 256, log_level: str = "info", access_log: bool = False) -> DrainingServer:
+                 read_timeout_s: float = 10.0, max_connections: int = 256, log_level: str = "info",
+                 access_log: bool = False) -> DrainingServer:
     """A ready-to-``run()`` server for the service; ``port=0`` picks a free port (read ``server.port`` once started)."""
     if grace_s < 0:
         raise ValueError(f"grace_s must be >= 0 seconds, got {grace_s!r}")
+    if not read_timeout_s > 0:
+        raise ValueError(f"read_timeout_s must be > 0 seconds, got {read_timeout_s!r}")
+    if max_connections < 1:
+        raise ValueError(f"max_connections must be >= 1, got {max_connections!r}")
     app = create_app(settings)
     config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level, access_log=access_log, lifespan="on",
-        limit_concurrency=limit_concurrency,
-        # uvicorn's own limit, a backstop behind our drain: in-flight items finish within timeout_s of its end.
-        timeout_graceful_shutdown=grace_s + settings.timeout_s + 5.0,
+        http=guarded_protocol(read_timeout_s, max_connections),
+        # uvicorn's own limit, a backstop behind our drain (which answers every request within grace_s).
+        timeout_graceful_shutdown=grace_s + 5.0,
     )
     return DrainingServer(config, app.state.service, grace_s)
 
@@ -90,7 +179,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="items waiting across all requests before new requests get 503")
     p.add_argument("--max-pools", type=int, default=d.max_pools,
                    help="most distinct (verifier, options) configurations")
-    p.add_argument("--limit-concurrency", type=int, default=256, help="open connections before new ones get 503")
+    p.add_argument("--read-timeout-s", type=float, default=10.0,
+                   help="a connection must deliver a complete request within this time, else it is closed")
+    p.add_argument("--max-connections", type=int, default=256,
+                   help="open connections; past it the one waiting longest on its client is closed")
     p.add_argument("--grace-s", type=float, default=30.0, help="on shutdown, time given to in-flight requests")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--access-log", action="store_true", help="log every request")
@@ -124,8 +216,8 @@ def main(argv: list[str] | None = None) -> None:
         log.warning("binding %s without --token-env: anyone who can reach this port can use its verifier workers",
                     args.host)
     server = build_server(settings, host=args.host, port=args.port, grace_s=args.grace_s,
-                          limit_concurrency=args.limit_concurrency, log_level=args.log_level,
-                          access_log=args.access_log)
+                          read_timeout_s=args.read_timeout_s, max_connections=args.max_connections,
+                          log_level=args.log_level, access_log=args.access_log)
     try:
         server.run()
     finally:

@@ -11,7 +11,12 @@ Endpoints (JSON bodies; errors are ``{"detail": "<what is wrong and how to fix i
 - ``GET /ready``: readiness (200 while accepting work, 503 while shutting down).
 - ``GET /metrics``: Prometheus text format.
 
-Scheduling: one scorer per (verifier, options), created on first use and kept. A scorer
+POST bodies must be ``Content-Type: application/json`` (415 otherwise): a web page can send
+``text/plain`` or form posts to a loopback port without the browser asking first.
+
+Scheduling: one scorer per (verifier, options), created on first use and kept until
+``max_pools`` are live and another configuration is asked for: then the least recently used
+idle one is stopped (LRU), so no client can lock others out by naming many options. A scorer
 owns ``workers`` single-worker ``VerifierPool``s, each driven by a thread that takes items
 one at a time from the scorer's queue. Items of concurrent requests therefore share the
 workers item by item: a hung item holds back only its own request (until its timeout),
@@ -27,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import queue
 import threading
 import time
@@ -35,15 +41,20 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from rlkit.reward.pool import VerifierPool
 from rlkit.reward.verifiers import VERIFIERS, Score, check_options
 
+log = logging.getLogger("rlkit.reward.service")
+
 # Request latency histogram buckets (seconds), Prometheus-style upper bounds.
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+# Set in a request's ASGI scope by the server (rlkit.reward.serve) when it closes the connection before the
+# body arrived: (status counted in the metrics, reason logged).
+CLOSED_BY_SERVER = "rlkit.closed_by_server"
 _TOP_FIELDS = ("items", "verifier", "options")
 _ITEM_FIELDS = ("response", "reference", "verifier", "options")
 _JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
@@ -62,7 +73,8 @@ class ServiceSettings:
     max_request_bytes / max_items / max_chars: limits on one request's body, its item count,
         and each response's or reference's length in characters (over: 413).
     max_queued_items: items waiting or running across all requests (over: 503, retry later).
-    max_pools: distinct (verifier, options) configurations; each costs ``workers`` processes.
+    max_pools: live (verifier, options) configurations, each ``workers`` processes; past it the least
+        recently used idle one is stopped (503 if all are busy; 422 for one request naming more).
     """
 
     workers: int = 2
@@ -152,6 +164,8 @@ class _Scorer:
         self.verifier = verifier
         self.options = options
         self.failure: str | None = None  # set once the workers could not start; the scorer is then retired
+        self.requests = 0  # requests using it now (event loop thread); only idle scorers are evicted
+        self.last_used = time.monotonic()
         self.pools = [
             VerifierPool(verifier, num_workers=1, timeout_s=settings.timeout_s, options=options,
                          startup_timeout_s=settings.startup_timeout_s)
@@ -188,13 +202,15 @@ class _Scorer:
                 job.settle(score)
 
     def stop(self) -> None:
-        """Ask the threads to exit once their current item is done (non-blocking)."""
+        """Kill the workers and ask the threads to exit (non-blocking). Items still running end unanswered:
+        call it once their requests were answered or abandoned."""
         for _ in self._threads:
             self._queue.put(None)
+        for pool in self.pools:
+            pool.abort()
 
     def join(self) -> None:
-        """Wait for the threads, then close the pools. Each thread first finishes its current item
-        (at most timeout_s, or startup_timeout_s while its worker starts)."""
+        """Wait for the threads (each ends within about a second of ``stop``), then reap the workers."""
         for thread in self._threads:
             thread.join()
         for pool in self.pools:
@@ -265,7 +281,8 @@ class RewardService:
             raise Refusal(422, f"{where}: {err}") from err
 
     def scorer(self, verifier: str, options: dict, key: str) -> _Scorer:
-        """The scorer for (verifier, options with canonical JSON ``key``), started on first use."""
+        """The scorer for (verifier, options with canonical JSON ``key``), started on first use; at
+        ``max_pools`` the least recently used idle scorer makes room (503 if none is idle)."""
         if self._closed:
             raise _ShuttingDown()
         scorer = self._scorers.get((verifier, key))
@@ -274,11 +291,20 @@ class RewardService:
             scorer = None
         if scorer is None:
             if len(self._scorers) >= self.settings.max_pools:
-                raise Refusal(422, f"this service already runs {len(self._scorers)} verifier configurations "
-                                   f"(--max-pools {self.settings.max_pools}); reuse one of "
-                                   f"{sorted(self._scorers)} or restart the service with a larger --max-pools")
+                self._evict_one()
             scorer = self._scorers[verifier, key] = _Scorer(verifier, options, self.settings)
+        scorer.last_used = time.monotonic()
         return scorer
+
+    def _evict_one(self) -> None:
+        idle = [(scorer.last_used, id_) for id_, scorer in self._scorers.items() if scorer.requests == 0]
+        if not idle:
+            raise Refusal(503, f"service busy: all {len(self._scorers)} verifier configurations (--max-pools "
+                               f"{self.settings.max_pools}) are scoring; retry shortly", {"Retry-After": "1"})
+        _, (verifier, key) = min(idle)
+        log.info("stopping the least recently used idle pool (%s, options %s) to make room (--max-pools %d)",
+                 verifier, key, self.settings.max_pools)
+        self._retire(verifier, key)
 
     async def score(self, items: list[tuple[str, str, str, dict, str]], receive=None) -> list[Score] | None:
         """Score validated ``(response, reference, verifier, options, options_key)`` items, in order.
@@ -294,11 +320,21 @@ class RewardService:
         if self.queued + len(items) > self.settings.max_queued_items:
             raise Refusal(503, f"service busy: {self.queued} items already queued (--max-queued-items "
                                f"{self.settings.max_queued_items}); retry shortly", {"Retry-After": "1"})
+        scorers: dict[tuple[str, str], _Scorer] = {}
+        try:
+            for _, _, verifier, options, key in items:
+                if (verifier, key) not in scorers:
+                    scorer = scorers[verifier, key] = self.scorer(verifier, options, key)
+                    scorer.requests += 1  # in use: not evicted by the next configuration of this request
+            return await self._run(items, scorers, receive)
+        finally:
+            for scorer in scorers.values():
+                scorer.requests -= 1
+
+    async def _run(self, items: list[tuple[str, str, str, dict, str]], scorers: dict[tuple[str, str], _Scorer],
+                   receive) -> list[Score] | None:
+        """``score`` once the scorers are held: queue the items, await them or the client's departure."""
         loop = asyncio.get_running_loop()
-        scorers = {}
-        for _, _, verifier, options, key in items:
-            if (verifier, key) not in scorers:
-                scorers[verifier, key] = self.scorer(verifier, options, key)
         jobs = [_Job(response, reference, loop.create_future()) for response, reference, *_ in items]
         inflight = _InFlight(jobs)
         self._inflight.add(inflight)
@@ -347,7 +383,8 @@ class RewardService:
                 _settle(job.future, None, _ShuttingDown())
 
     def close(self) -> None:
-        """Stop every scorer and its worker processes (blocking: each thread finishes its current item). Idempotent."""
+        """Stop every scorer and kill its worker processes; items still running are dropped, so call it once
+        requests were answered or abandoned. Blocks about a second. Idempotent."""
         self._closed = True
         scorers = list(self._scorers.values())
         self._scorers.clear()
@@ -539,6 +576,9 @@ def parse_items(payload: object, service: RewardService) -> tuple[list[tuple[str
         if (verifier, key) not in checked:
             service.check_verifier(verifier, options, where)
             checked.add((verifier, key))
+            if len(checked) > settings.max_pools:
+                raise Refusal(422, f"{where}: the request names more than {settings.max_pools} (verifier, options) "
+                                   f"configurations (--max-pools); split it by configuration")
         parsed.append((texts[0], texts[1], verifier, options, key))
     return parsed, default
 
@@ -561,6 +601,19 @@ def render_results(scores: list[Score]) -> bytes:
 def _json_response(status: int, content: dict, headers: dict[str, str] | None = None) -> Response:
     body = json.dumps(content, ensure_ascii=True).encode()
     return Response(body, status_code=status, media_type="application/json", headers=headers)
+
+
+def _check_content_type(request: Request) -> None:
+    """Refuse (415) a POST whose body is not declared JSON: a web page may send text/plain or form bodies
+    to any port without the browser asking first, but not application/json."""
+    given = request.headers.get("content-type", "")
+    if given.split(";", 1)[0].strip().lower() != "application/json":
+        raise Refusal(415, f"Content-Type must be application/json, got {given[:100]!r}; send the JSON body with "
+                           f"'Content-Type: application/json'")
+
+
+def _peer(request: Request) -> str:
+    return f"{request.client.host}:{request.client.port}" if request.client else "unknown client"
 
 
 def _authorized(request: Request, token: str | None) -> bool:
@@ -601,12 +654,15 @@ def create_app(settings: ServiceSettings) -> Starlette:
                 raise Refusal(401, _UNAUTHORIZED, {"WWW-Authenticate": "Bearer"})
             if service.draining:
                 raise _ShuttingDown()
+            _check_content_type(request)
             items, default = parse_items(parse_json(await read_body(request, settings.max_request_bytes)), service)
             if not items and default is not None:
                 service.scorer(*default)  # a client's check(): start the workers now
             scores = await service.score(items, request.receive)
             if scores is None:  # the client left; nobody reads this answer
                 status = 499
+                log.info("client %s left before its %d item(s) were scored; its queued items are skipped",
+                         _peer(request), len(items))
                 return Response(status_code=status)
             for verifier in {item[2] for item in items}:
                 service.metrics.observe_scores(verifier, [s for s, item in zip(scores, items) if item[2] == verifier])
@@ -618,6 +674,10 @@ def create_app(settings: ServiceSettings) -> Starlette:
             headers = {"Retry-After": "1"}
         except _ScorerFailed as err:
             status, content = 500, {"detail": f"{err}; see the service's log for the worker's traceback"}
+        except ClientDisconnect:
+            status, reason = request.scope.get(CLOSED_BY_SERVER, (499, "the client closed the connection"))
+            log.info("request from %s ended before its body arrived: %s", _peer(request), reason)
+            return Response(status_code=status)  # nobody reads it
         except BaseException:
             status = 500  # a bug or a cancellation: counted, then left to Starlette/uvicorn
             raise
