@@ -18,8 +18,8 @@ import pytest
 
 from rlkit.reward import Score, score_one
 from rlkit.reward.client import RewardClient, RewardServiceError
-from rlkit.reward.serve import build_server
-from rlkit.reward.service import ServiceSettings
+from rlkit.reward.serve import build_server, parse_args, settings_from_args
+from rlkit.reward.service import LOOPBACK_HOSTS, ServiceSettings
 
 TESTS = Path(__file__).parent
 BEHAVE = "verifier_fixtures:behave"  # tests/verifier_fixtures.py: the response text picks a failure mode
@@ -603,6 +603,21 @@ def test_score_requires_a_json_content_type(service, content_type):
     assert "Content-Type must be application/json" in answer.json()["detail"]
     answer = httpx.post(f"{url}/score", content=body, headers={"Content-Type": "Application/JSON; charset=utf-8"})
     assert answer.status_code == 200
+
+
+def test_loopback_service_refuses_other_host_names():
+    assert settings_from_args(parse_args(["--host", "127.0.0.1"])).allowed_hosts == LOOPBACK_HOSTS
+    assert settings_from_args(parse_args(["--host", "0.0.0.0"])).allowed_hosts == ()
+    settings = ServiceSettings(workers=1, extra_verifiers=(BEHAVE,), allowed_hosts=LOOPBACK_HOSTS)
+    body = {"verifier": BEHAVE, "items": [{"response": "a", "reference": "a"}]}
+    with running(settings) as (url, _):
+        port = url.rsplit(":", 1)[1]
+        for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example"):  # DNS rebinding
+            answer = _post(url, body, headers={"Host": host})
+            assert answer.status_code == 403 and "DNS rebinding" in answer.json()["detail"]
+            assert httpx.get(f"{url}/metrics", headers={"Host": host}).status_code == 403
+        for host in (f"127.0.0.1:{port}", f"LOCALHOST:{port}", "[::1]"):
+            assert _post(url, body, headers={"Host": host}).status_code == 200
 
 
 @pytest.mark.parametrize("body, detail", [

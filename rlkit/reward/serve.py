@@ -1,8 +1,10 @@
 """Run the verifier-reward service: ``python -m rlkit.reward.serve --port 8000 --workers 2``.
 
-Binds 127.0.0.1 unless told otherwise. ``--token-env NAME`` requires ``Authorization:
-Bearer $NAME`` on /score and /metrics (the token is read from the environment, never from
-the command line, so it does not show in ``ps``). On SIGTERM / Ctrl-C the service stops
+Binds 127.0.0.1 unless told otherwise; bound to loopback, /score and /metrics answer only
+to the Host names 127.0.0.1, localhost and [::1] (a web page using DNS rebinding sends its
+own). ``--token-env NAME`` requires ``Authorization: Bearer $NAME`` on /score and /metrics
+(the token is read from the environment, never from the command line, so it does not show
+in ``ps``). On SIGTERM / Ctrl-C the service stops
 accepting connections, closes those still sending a request, gives requests being scored
 ``--grace-s`` to finish, answers what is left with 503, then kills every worker process.
 
@@ -25,7 +27,7 @@ import sys
 import uvicorn
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-from rlkit.reward.service import CLOSED_BY_SERVER, RewardService, ServiceSettings, create_app
+from rlkit.reward.service import CLOSED_BY_SERVER, LOOPBACK_HOSTS, RewardService, ServiceSettings, create_app
 
 log = logging.getLogger("rlkit.reward.serve")
 
@@ -200,6 +202,7 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None 
     try:
         return ServiceSettings(
             workers=args.workers, timeout_s=args.timeout_s, startup_timeout_s=args.startup_timeout_s, token=token,
+            allowed_hosts=LOOPBACK_HOSTS if _is_loopback(args.host) else (),
             extra_verifiers=tuple(args.extra_verifiers), preload=tuple(args.preload),
             max_request_bytes=args.max_request_bytes, max_items=args.max_items, max_chars=args.max_chars,
             max_queued_items=args.max_queued_items, max_pools=args.max_pools,

@@ -52,6 +52,7 @@ log = logging.getLogger("rlkit.reward.service")
 
 # Request latency histogram buckets (seconds), Prometheus-style upper bounds.
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 # Set in a request's ASGI scope by the server (rlkit.reward.serve) when it closes the connection before the
 # body arrived: (status counted in the metrics, reason logged).
 CLOSED_BY_SERVER = "rlkit.closed_by_server"
@@ -68,6 +69,9 @@ class ServiceSettings:
     timeout_s: per-item wall-clock limit; a timed-out item is unscorable (reward null).
     startup_timeout_s: limit for a worker's start-up (imports, ``prepare``).
     token: bearer token every /score and /metrics request must carry; None: no auth.
+    allowed_hosts: the Host header names (without port) /score and /metrics answer to; empty: any.
+        ``rlkit.reward.serve`` sets ``LOOPBACK_HOSTS`` when it binds a loopback address, since a web
+        page that reaches the port through DNS rebinding sends its own name.
     extra_verifiers: import paths (``pkg.mod:fn``) requests may name besides the registered verifiers.
     preload: verifiers whose workers start with the service (default options), so the first request does not wait.
     max_request_bytes / max_items / max_chars: limits on one request's body, its item count,
@@ -81,6 +85,7 @@ class ServiceSettings:
     timeout_s: float = 10.0
     startup_timeout_s: float = 120.0
     token: str | None = None
+    allowed_hosts: tuple[str, ...] = ()
     extra_verifiers: tuple[str, ...] = ()
     preload: tuple[str, ...] = ()
     max_request_bytes: int = 32 * 2**20
@@ -603,6 +608,15 @@ def _json_response(status: int, content: dict, headers: dict[str, str] | None = 
     return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
+def _check_host(request: Request, allowed: tuple[str, ...]) -> None:
+    """Refuse (403) a Host header outside ``allowed`` (when it is not empty): DNS rebinding."""
+    given = request.headers.get("host", "")
+    name = given[: given.find("]") + 1] if given.startswith("[") else given.partition(":")[0]
+    if allowed and name.lower() not in allowed:
+        raise Refusal(403, f"Host {given[:100]!r} is not one this service answers to ({', '.join(allowed)}): a web "
+                           f"page may be reaching it through DNS rebinding; address it as http://127.0.0.1:PORT")
+
+
 def _check_content_type(request: Request) -> None:
     """Refuse (415) a POST whose body is not declared JSON: a web page may send text/plain or form bodies
     to any port without the browser asking first, but not application/json."""
@@ -650,6 +664,7 @@ def create_app(settings: ServiceSettings) -> Starlette:
         start = time.perf_counter()
         status, content, headers = 200, None, None
         try:
+            _check_host(request, settings.allowed_hosts)
             if not _authorized(request, settings.token):
                 raise Refusal(401, _UNAUTHORIZED, {"WWW-Authenticate": "Bearer"})
             if service.draining:
@@ -695,6 +710,10 @@ def create_app(settings: ServiceSettings) -> Starlette:
                                     "queued_items": service.queued, "workers_per_pool": settings.workers})
 
     async def metrics(request: Request) -> Response:
+        try:
+            _check_host(request, settings.allowed_hosts)
+        except Refusal as refusal:
+            return _json_response(refusal.status, {"detail": refusal.detail})
         if not _authorized(request, settings.token):
             return _json_response(401, {"detail": _UNAUTHORIZED}, {"WWW-Authenticate": "Bearer"})
         return Response(service.render_metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
