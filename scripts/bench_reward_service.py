@@ -14,6 +14,12 @@ Prints throughput (items/s), per-call latency p50/p99 and errors, and the servic
 prints CPU per item outside the workers ("front": the caller for raw; the service process plus
 its clients for the service) and inside them, which other tenants do not skew. Results must
 match: every service batch is checked against the raw pool's scores of the same items.
+
+    python scripts/bench_reward_service.py --hostile   # ~30 s
+
+measures the service under hostile local clients instead (see ``hostile``): option values of the
+wrong type, more configurations than ``--max-pools``, 300 stalled connections, SIGTERM with a
+stalled connection.
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import httpx  # noqa: E402
 import psutil  # noqa: E402
 
 from rlkit.reward import VerifierPool  # noqa: E402
@@ -164,6 +171,101 @@ def summary(name: str, phases: list[dict]) -> dict:
                 worker_cpu_ms_per_item=round(1000 * sum(p["cpu_workers_s"] for p in phases) / items, 2))
 
 
+def service_rss_mib(server: psutil.Process) -> tuple[float, int]:
+    """Resident memory of the service process and its workers (MiB), and the number of workers."""
+    workers = server.children()
+    rss = server.memory_info().rss
+    for worker in workers:
+        try:
+            rss += worker.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return round(rss / 2**20, 1), len(workers)
+
+
+STALLED = (b"POST /score HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+           b"Content-Length: 100\r\n\r\n{")
+
+
+def stall(port: int) -> socket.socket:
+    """A connection that sends headers and ``{``, then nothing."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    sock.sendall(STALLED)
+    return sock
+
+
+def health_probes(url: str, n: int = 20) -> list[float]:
+    """p50 and max latency (ms) of ``n`` GET /health, each on a new connection, as a liveness probe does."""
+    latencies = []
+    with httpx.Client(verify=False, headers={"Connection": "close"}, timeout=10) as http:
+        for _ in range(n):
+            tick = time.perf_counter()
+            assert http.get(f"{url}/health").status_code == 200
+            latencies.append(1000 * (time.perf_counter() - tick))
+    return [round(percentile(latencies, 0.5), 1), round(max(latencies), 1)]
+
+
+def hostile(workers: int) -> dict:
+    """The service with default limits (``--max-pools 2`` to show eviction) under hostile local clients."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "rlkit.reward.serve", "--port", str(port), "--workers", str(workers),
+         "--preload", "math", "--max-pools", "2", "--log-level", "warning"],
+        cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    result: dict = {}
+    try:
+        proc = psutil.Process(server.pid)
+        with RewardClient(url, verifier="math", retries=100, backoff_s=0.1, max_backoff_s=0.5) as client:
+            client.score(["\\boxed{1}"], ["1"])  # up and warm
+            result["rss_mib_start"], result["workers_start"] = service_rss_mib(proc)
+            statuses = []
+            for value in ("[1, 2]", "1e999", "2", "3", "4", "5"):  # issue 12's sequence
+                body = f'{{"verifier": "math", "items": [], "options": {{"fallback_last_number": {value}}}}}'
+                statuses.append(httpx.post(f"{url}/score", content=body, headers={"Content-Type": "application/json"},
+                                           timeout=60).status_code)
+            result["wrong_type_statuses"] = statuses
+            rewards = []  # three valid configurations, round robin, two pools at a time
+            for options in ({"fallback_last_number": False}, {"fallback_last_number": True}, {}) * 3:
+                with RewardClient(url, verifier="math", options=options) as other:
+                    rewards.append(other.score(["\\boxed{1}"], ["1"])[0].reward)
+            result["valid_configs_rewards"] = rewards
+            time.sleep(2.0)  # evicted pools' workers exit in the background
+            result["rss_mib_after_abuse"], result["workers_after_abuse"] = service_rss_mib(proc)
+            result["legit_after_abuse"] = client.score(["\\boxed{2}"], ["2"])[0].reward
+
+            result["health_ms_p50_max_idle"] = health_probes(url)
+            stalled = [stall(port) for _ in range(300)]
+            result["health_ms_p50_max_under_300_stalled"] = health_probes(url)
+            tick = time.perf_counter()
+            result["score_under_stall"] = client.score(["\\boxed{3}"], ["3"])[0].reward
+            result["score_ms_under_stall"] = round(1000 * (time.perf_counter() - tick), 1)
+            time.sleep(11.0)  # past --read-timeout-s (10 s)
+            open_after = 0
+            for sock in stalled:
+                sock.settimeout(0.01)
+                try:
+                    open_after += sock.recv(1) != b""
+                except TimeoutError:
+                    open_after += 1
+                except ConnectionResetError:
+                    pass
+                sock.close()
+            result["stalled_still_open_after_11_s"] = open_after
+        last = stall(port)
+        time.sleep(0.2)
+        tick = time.perf_counter()
+        server.send_signal(signal.SIGTERM)
+        server.wait(60)
+        result["sigterm_exit_s_with_a_stalled_connection"] = round(time.perf_counter() - tick, 2)
+        last.close()
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    return result
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workers", type=int, default=2, help="verifier worker processes (both sides)")
@@ -173,7 +275,11 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="raw/service phase pairs")
     p.add_argument("--corpus", type=int, default=128, help="distinct items")
     p.add_argument("--json", type=Path, default=None, help="also write the summary here")
+    p.add_argument("--hostile", action="store_true", help="measure the service under hostile clients instead")
     args = p.parse_args()
+    if args.hostile:
+        print(json.dumps(hostile(args.workers)))
+        return
 
     responses, references = corpus(args.corpus)
     step = args.batch_size
