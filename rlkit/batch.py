@@ -1,4 +1,4 @@
-"""RolloutBatch: the one structure every stage of a step reads and extends (DESIGN.md §1)."""
+"""RolloutBatch: the one structure every stage of a step reads and extends (docs/architecture.md)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
@@ -13,6 +13,7 @@ class RolloutBatch:
     prompt_ids: [B] token-id lists, the context each response is trained under.
     response_ids: [B,T] long. response_mask: [B,T] float in {0,1}. behavior_logprobs: [B,T].
     group_ids: [B] long (samples compared against each other share an id).
+    prompt_index: [B] long, which of the step's prompts each sample answers (several groups may share one).
     truncated: [B] bool, the response hit max_tokens.
     rows: [B] dataset rows ({"question", "answer", "meta"}). texts: [B] decoded responses.
     Filled by later stages: rewards/correct/scorable [B] (verifier, shaper), advantages [B,T] (estimator).
@@ -25,6 +26,7 @@ class RolloutBatch:
     response_mask: torch.Tensor
     behavior_logprobs: torch.Tensor
     group_ids: torch.Tensor
+    prompt_index: torch.Tensor
     truncated: torch.Tensor
     rows: list[dict]
     texts: list[str]

@@ -1,4 +1,4 @@
-"""Config resolvers and the one up-front validation of a composed config (DESIGN.md §3)."""
+"""Config resolvers, plug-in specs, and the one up-front validation of a composed config (docs/architecture.md)."""
 from __future__ import annotations
 
 import inspect
@@ -7,7 +7,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
+from rlkit.registry import Plugin, PluginSpec, Registry, capabilities_of, plugin_spec
+
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 
 
@@ -40,38 +41,62 @@ def _require(ok: bool, key: str, problem: str, fix: str) -> None:
         raise ConfigError(f"{key}: {problem}. Fix: {fix}")
 
 
+def plug_points() -> dict[str, Registry]:
+    """Config key -> registry of every algorithm plug point (the engine and verifier are checked beside them)."""
+    from rlkit.algorithms import ADVANTAGES, SHAPERS
+    from rlkit.algorithms.plugins import POLICY_LOSSES, TOKEN_MASKS
+    from rlkit.sampling import GROUP_FILTERS, SAMPLERS
+
+    return {
+        "algorithm.sampler": SAMPLERS,
+        "algorithm.reward_shaper": SHAPERS,
+        "algorithm.group_filter": GROUP_FILTERS,
+        "algorithm.advantage": ADVANTAGES,
+        "algorithm.token_mask": TOKEN_MASKS,
+        "algorithm.policy_loss": POLICY_LOSSES,
+    }
+
+
+def spec_at(cfg: DictConfig, key: str) -> PluginSpec:
+    """The plug-in configured at `key` (a bare name or {name, options}), options resolved to plain values."""
+    node = OmegaConf.select(cfg, key)
+    value = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+    try:
+        return plugin_spec(value, key)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def build_plugins(cfg: DictConfig) -> dict[str, Plugin]:
+    """Every algorithm plug-in, built once: config key -> Plugin."""
+    return {key: registry.build(spec_at(cfg, key)) for key, registry in plug_points().items()}
+
+
 def validate(cfg: DictConfig) -> None:
     """Refuse configs that cannot train correctly, before anything heavy starts."""
-    from rlkit.algorithms import ADVANTAGES, AGGREGATIONS, SHAPERS
-    from rlkit.algorithms.plugins import POLICY_LOSSES, TOKEN_MASKS
-    from rlkit.group_filters import GROUP_FILTERS
-    from rlkit.reward.verifiers import VERIFIERS
-    from rlkit.rollout import ENGINES, engine_names
-    from rlkit.sampling import SAMPLERS
+    from rlkit.algorithms import AGGREGATIONS
+    from rlkit.rollout import ENGINES, engine_target
+    from rlkit.reward.verifiers import VERIFIERS, check_options
 
     a, r, t = cfg.algorithm, cfg.rollout, cfg.trainer
-    for key, registry, name in (
-        ("algorithm.sampler", SAMPLERS, a.sampler),
-        ("algorithm.advantage", ADVANTAGES, a.advantage),
-        ("algorithm.reward_shaper", SHAPERS, a.reward_shaper),
-        ("algorithm.group_filter", GROUP_FILTERS, a.group_filter),
-        ("algorithm.token_mask", TOKEN_MASKS, a.token_mask),
-        ("algorithm.loss.name", POLICY_LOSSES, a.loss.name),
-        ("reward.verifier", VERIFIERS, cfg.reward.verifier),
-    ):
-        try:
-            registry.get(name)
-        except KeyError as err:
-            raise ConfigError(f"{key}={name}: {err.args[0]}") from None
-    _check_options("algorithm.advantage_options", ADVANTAGES.get(a.advantage), a.advantage_options,
-                   fixed=("rewards", "group_ids", "response_mask", "scorable"))
-    _check_options("algorithm.reward_shaper_options", SHAPERS.get(a.reward_shaper), a.reward_shaper_options,
-                   fixed=("rewards", "correct", "lengths", "group_ids"))
-    _require(r.engine in engine_names() or ":" in r.engine or r.engine in ENGINES, "rollout.engine",
-             f"unknown engine {r.engine!r}", f"use one of {engine_names()} or 'package.module:EngineClass'")
-    if a.advantage in GROUP_ESTIMATORS:
-        _require(r.n >= 2, "rollout.n", f"{a.advantage} compares responses within a group but n={r.n}",
-                 "set rollout.n>=2")
+    group_users = []
+    for key, registry in plug_points().items():
+        spec = spec_at(cfg, key)
+        _check_plugin(key, registry, spec)
+        if capabilities_of(registry.get(spec.name)).needs_groups:
+            group_users.append(f"{key}={spec.name}")
+    engine = spec_at(cfg, "rollout.engine")
+    _check_plugin("rollout.engine", ENGINES, PluginSpec(engine_target(engine.name), engine.options))
+    verifier = spec_at(cfg, "reward.verifier")
+    try:
+        check_options(verifier.name, VERIFIERS.get(verifier.name), verifier.options)
+    except KeyError as err:
+        raise ConfigError(f"reward.verifier={verifier.name}: {err.args[0]}") from None
+    except TypeError as err:
+        raise ConfigError(f"reward.verifier.options: {err}. Fix: remove or correct the option "
+                          f"(+reward.verifier.options.KEY=VALUE adds one)") from None
+    _require(r.n >= 2 or not group_users, "rollout.n",
+             f"{', '.join(group_users)} compares responses within a group but n={r.n}", "set rollout.n>=2")
     _require(a.loss.agg in AGGREGATIONS, "algorithm.loss.agg", f"unknown aggregation {a.loss.agg!r}",
              f"use one of {list(AGGREGATIONS)}")
     _require(r.temperature > 0, "rollout.temperature", "must be > 0 for on-policy sampling", "set e.g. 1.0")
@@ -97,14 +122,13 @@ def validate(cfg: DictConfig) -> None:
     _check_model_path(cfg.model.path)
 
 
-def _check_options(key: str, fn, options, *, fixed: tuple[str, ...]) -> None:
-    """Every configured option must be a keyword the plug-in accepts (and not one the trainer passes)."""
-    params = inspect.signature(fn).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    for name in options:
-        _require(name not in fixed, f"{key}.{name}", "is filled in by the trainer", f"remove it: ~{key}.{name}")
-        _require(takes_any or name in params, f"{key}.{name}", f"{fn.__name__} takes no option {name!r} "
-                 f"(it takes {[p for p in params if p not in fixed]})", f"remove it: ~{key}.{name}")
+def _check_plugin(key: str, registry: Registry, spec: PluginSpec) -> None:
+    try:
+        registry.check_options(key, spec)
+    except KeyError as err:
+        raise ConfigError(f"{key}={spec.name}: {err.args[0]}") from None
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _check_model_path(path: str) -> None:

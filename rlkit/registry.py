@@ -1,28 +1,133 @@
-"""Name -> implementation registries for every plug point (DESIGN.md §2)."""
+"""One convention for every plug point (docs/architecture.md, "Plug points").
+
+A plug point is a `Registry` of named implementations. A config names one as a bare name
+(``algorithm.advantage=opo``: its default options) or as ``{name: NAME, options: {...}}``;
+``build`` turns that into a `Plugin` once, at start. An implementation is either
+
+- a function whose keyword-only parameters are its options (the registry's ``inputs`` are
+  the arguments the caller fills in and never options), or
+- a class whose ``__init__`` keywords are its options; its instances are called like the
+  function and may hold state: ``state_dict()``/``load_state_dict(state)`` (saved in
+  checkpoints) and ``after_optimizer_step()`` (called after every optimizer step).
+
+What a plug-in needs from the rest of the run is declared on it (`Capabilities`), never
+inferred from its name. User code plugs in by import path, ``"my_pkg.my_mod:my_fn"``.
+"""
 from __future__ import annotations
 
 import importlib
-from typing import Callable, Generic, TypeVar
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, Generic, Mapping, TypeVar
 
 T = TypeVar("T")
 
 
-class Registry(Generic[T]):
-    """A dict of named implementations with a conflict guard and a helpful miss.
+@dataclass(frozen=True)
+class Capabilities:
+    """What a plug-in requires; read generically by config validation and the trainer.
 
-    `get` also accepts an import path, ``"my_pkg.my_mod:my_fn"``, so user code
-    plugs in from the config without being registered first.
+    needs_groups: compares samples within a group, so ``rollout.n >= 2``.
+    needs_hidden: reads the final hidden states of the trainer's forward (token masks).
+    needs_reference: reads logprobs of the frozen initial policy (a reference model is loaded).
     """
 
-    def __init__(self, kind: str):
+    needs_groups: bool = False
+    needs_hidden: bool = False
+    needs_reference: bool = False
+
+
+def declare(**capabilities: bool) -> Callable[[T], T]:
+    """Decorator for user plug-ins: ``@declare(needs_groups=True)``."""
+    caps = Capabilities(**capabilities)
+
+    def decorator(obj: T) -> T:
+        obj.capabilities = caps
+        return obj
+
+    return decorator
+
+
+def capabilities_of(obj: object) -> Capabilities:
+    caps = getattr(obj, "capabilities", None)
+    return caps if isinstance(caps, Capabilities) else Capabilities()
+
+
+@dataclass(frozen=True)
+class PluginSpec:
+    """A plug point's configured choice: a registered name or import path, and its options."""
+
+    name: str
+    options: dict = field(default_factory=dict)
+
+
+def plugin_spec(value: Any, key: str) -> PluginSpec:
+    """``"grpo"`` or ``{name: grpo, options: {...}}`` (any Mapping) -> PluginSpec; ValueError naming `key` otherwise."""
+    if isinstance(value, str) and value:
+        return PluginSpec(value)
+    if isinstance(value, Mapping) and isinstance(value.get("name"), str) and set(value) <= {"name", "options"}:
+        options = value.get("options") or {}
+        if isinstance(options, Mapping):
+            return PluginSpec(value["name"], dict(options))
+    if isinstance(value, Mapping) and "name" not in value:
+        raise ValueError(
+            f"{key}: has options but no plug-in name ({value!r}; a bare `{key}=NAME` override drops the options "
+            f"block and a later `+{key}.options...` cannot restore the name). "
+            f"Fix: {key}.name=NAME +{key}.options.KEY=VALUE"
+        )
+    raise ValueError(
+        f"{key}: expected a plug-in name or {{name: NAME, options: {{...}}}}, got {value!r}. "
+        f"Fix: e.g. {key}=NAME, or {key}.name=NAME +{key}.options.KEY=VALUE"
+    )
+
+
+class Plugin:
+    """A built plug-in: call it with the plug point's inputs; its options are already bound."""
+
+    def __init__(self, name: str, impl: Callable, options: dict, capabilities: Capabilities):
+        self.name = name
+        self.impl = impl
+        self.options = options  # bound at call time for functions; {} for class instances
+        self.capabilities = capabilities
+
+    def __call__(self, *args, **kwargs):
+        return self.impl(*args, **kwargs, **self.options)
+
+    @property
+    def stateful(self) -> bool:
+        return hasattr(self.impl, "state_dict")
+
+    def state_dict(self) -> dict:
+        return self.impl.state_dict() if self.stateful else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.stateful:
+            self.impl.load_state_dict(state)
+
+    def after_optimizer_step(self) -> None:
+        hook = getattr(self.impl, "after_optimizer_step", None)
+        if hook is not None:
+            hook()
+
+
+class Registry(Generic[T]):
+    """A dict of named implementations with a conflict guard, a helpful miss and option checks.
+
+    `inputs` names the arguments the caller passes (never options), e.g. ``("rewards", "group_ids", ...)``.
+    """
+
+    def __init__(self, kind: str, inputs: tuple[str, ...] = ()):
         self.kind = kind
+        self.inputs = inputs
         self._items: dict[str, T] = {}
 
-    def register(self, name: str) -> Callable[[T], T]:
+    def register(self, name: str, **capabilities: bool) -> Callable[[T], T]:
         def decorator(obj: T) -> T:
             known = self._items.get(name)
             if known is not None and known is not obj:
                 raise ValueError(f"{self.kind} {name!r} is already registered to {known!r}")
+            if capabilities:
+                obj.capabilities = Capabilities(**capabilities)
             self._items[name] = obj
             return obj
 
@@ -47,3 +152,47 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: str) -> bool:
         return name in self._items
+
+    def option_names(self, name: str) -> tuple[list[str], list[str], bool]:
+        """(accepted options, required options, takes any **options) of the implementation `name`."""
+        return option_names(self.get(name), self.inputs)
+
+    def check_options(self, key: str, spec: PluginSpec) -> None:
+        """ValueError naming `key`, the plug-in and its accepted options if `spec.options` cannot be bound."""
+        accepted, required, takes_any = self.option_names(spec.name)
+        for option in spec.options:
+            if option in self.inputs:
+                raise ValueError(f"{key}.options.{option}: is filled in by rlkit, not configured. "
+                                 f"Fix: remove it: ~{key}.options.{option}")
+            if not takes_any and option not in accepted:
+                raise ValueError(f"{key}.options.{option}: {self.kind} {spec.name!r} takes no option {option!r} "
+                                 f"(it takes {accepted}). Fix: remove it (~{key}.options.{option}) or spell it as one of those")
+        missing = [o for o in required if o not in spec.options]
+        if missing:
+            raise ValueError(f"{key}.options: {self.kind} {spec.name!r} needs {missing}. "
+                             f"Fix: set {key}.options.{missing[0]}=VALUE")
+
+    def build(self, spec: PluginSpec) -> Plugin:
+        """The configured plug-in: a class is instantiated with the options; a function gets them at each call."""
+        impl = self.get(spec.name)
+        caps = capabilities_of(impl)
+        if inspect.isclass(impl):
+            return Plugin(spec.name, impl(**spec.options), {}, caps)
+        return Plugin(spec.name, impl, dict(spec.options), caps)
+
+
+def option_names(impl: Callable, inputs: tuple[str, ...]) -> tuple[list[str], list[str], bool]:
+    """Options of a plug-in: keyword-only parameters of a function, keywords of a class's __init__."""
+    target = impl.__init__ if inspect.isclass(impl) else impl
+    params = list(inspect.signature(target).parameters.values())
+    if inspect.isclass(impl):
+        params = [p for p in params[1:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY, p.VAR_KEYWORD)]
+    else:
+        params = [p for p in params if p.kind in (p.KEYWORD_ONLY, p.VAR_KEYWORD)]
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params)
+    named = [p for p in params if p.kind is not p.VAR_KEYWORD and p.name not in inputs]
+    return [p.name for p in named], [p.name for p in named if p.default is p.empty], takes_any
+
+
+__all__ = ["Capabilities", "Plugin", "PluginSpec", "Registry", "capabilities_of", "declare", "plugin_spec",
+           "option_names"]

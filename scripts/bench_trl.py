@@ -302,7 +302,7 @@ def run_trl(args: argparse.Namespace) -> dict:
             use_cpu=not torch.cuda.is_available(),
             use_vllm=args.trl_vllm,
             vllm_mode="colocate",
-            vllm_max_model_length=cfg.rollout.max_model_len,
+            vllm_max_model_length=cfg.rollout.engine.options.max_model_len,
             vllm_gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
             seed=cfg.seed,
             logging_steps=1,

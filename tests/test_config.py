@@ -22,11 +22,12 @@ def test_every_recipe_composes_and_validates(tiny_model_dir):
 
 def test_recipes_set_their_published_numbers(tiny_model_dir):
     dapo = _cfg(tiny_model_dir, "+recipe=dapo", "rollout.max_tokens=100")
-    assert (dapo.algorithm.loss.eps_low, dapo.algorithm.loss.eps_high) == (0.2, 0.28)
-    assert dapo.algorithm.loss.agg == "token-mean" and dapo.algorithm.group_filter == "zero_variance"
-    assert dapo.algorithm.reward_shaper_options.buffer_len == 20  # L_buf = L_max / 5, as 4096 of 20480
+    clip = dapo.algorithm.policy_loss.options
+    assert (clip.eps_low, clip.eps_high, clip.dual_clip_c) == (0.2, 0.28, 10.0)
+    assert dapo.algorithm.loss.agg == "token-mean" and dapo.algorithm.group_filter.name == "zero_variance"
+    assert dapo.algorithm.reward_shaper.options.buffer_len == 20  # L_buf = L_max / 5, as 4096 of 20480
     dr = _cfg(tiny_model_dir, "+recipe=dr_grpo")
-    assert dr.algorithm.advantage == "dr_grpo" and dr.algorithm.loss.agg == "seq-mean-token-sum-norm"
+    assert dr.algorithm.advantage.name == "dr_grpo" and dr.algorithm.loss.agg == "seq-mean-token-sum-norm"
 
 
 def test_every_config_key_is_commented():
@@ -50,8 +51,14 @@ def test_every_config_key_is_commented():
         (["algorithm.loss.agg=mean"], "algorithm.loss.agg", "token-mean"),
         (["trainer.mini_batches=3"], "trainer.mini_batches", "divisor"),
         (["reward.verifier=nope"], "reward.verifier=nope", "known: gsm8k, math"),
-        (["+algorithm.advantage_options.eps=1", "algorithm.advantage=dr_grpo"], "advantage_options.eps",
-         "~algorithm.advantage_options.eps"),
+        (["algorithm.advantage.name=dr_grpo", "+algorithm.advantage.options.eps=1"], "advantage.options.eps",
+         "~algorithm.advantage.options.eps"),
+        (["+algorithm.token_mask.options.strength=1"], "algorithm.token_mask.options.strength", "it takes []"),
+        (["+algorithm.policy_loss.options.eps_hgh=0.3"], "algorithm.policy_loss.options.eps_hgh",
+         "'eps_low', 'eps_high', 'dual_clip_c'"),
+        (["algorithm.reward_shaper=overlong"], "algorithm.reward_shaper.options", "max_response_len"),
+        (["+rollout.engine.options.gpu_mem=0.5"], "rollout.engine.options.gpu_mem", "gpu_memory_utilization"),
+        (["algorithm.group_filter=zero_variance", "rollout.n=1"], "rollout.n", "algorithm.group_filter=zero_variance"),
         (["rollout.temperature=0"], "rollout.temperature", "1.0"),
         (["trainer.resume=/no/such/dir"], "trainer.resume", "step_N"),
     ],

@@ -4,6 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from rlkit.algorithms.plugins import TOKEN_MASKS
 from rlkit.config import compose
 from rlkit.trainer.logprobs import pack_inputs, policy_logprobs
 from rlkit.trainer.trainer import Trainer
@@ -62,7 +63,7 @@ def trainer_and_batch(tiny_model_dir, tmp_path_factory):
                    "trainer.prompts_per_step=4", "reward.num_workers=0", "data.limit=16", "logging.progress_bar=false",
                    "reward.verifier=rl_tasks:contains_seven"])
     trainer = Trainer(cfg)
-    batch, *_ = trainer.collect()
+    batch = trainer.collect().batch
     batch.advantages = torch.randn(batch.response_mask.shape, generator=torch.Generator().manual_seed(0))
     batch.advantages *= batch.response_mask
     yield trainer, batch
@@ -82,10 +83,53 @@ def _gradients(trainer, batch, micro_batch_size):
 def test_gradient_invariant_to_micro_batch_split(trainer_and_batch, agg):
     trainer, batch = trainer_and_batch
     trainer.cfg.algorithm.loss.agg = agg
-    trainer.loss_options["agg"] = agg
     whole = _gradients(trainer, batch, len(batch))
     for size in (1, 3):
         split = _gradients(trainer, batch, size)
         for g_whole, g_split in zip(whole, split):
             torch.testing.assert_close(g_split, g_whole, rtol=0, atol=1e-6)
     assert max(g.abs().max() for g in whole) > 1e-4  # the gradient is not trivially zero
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"])
+def test_rejecting_token_mask_is_invariant_and_leaves_the_denominator(trainer_and_batch, agg):
+    """With a mask that rejects one token in three, the update's gradient does not depend on the
+    micro-batch split and equals the gradient of the loss over the kept tokens only (rejected tokens
+    leave numerator and denominator)."""
+    from rlkit.algorithms import aggregate, loss_normalizer, ppo_clip_surrogate
+    from rlkit.registry import PluginSpec
+
+    trainer, batch = trainer_and_batch
+    trainer.cfg.algorithm.loss.agg = agg
+    original = trainer.plugins["algorithm.token_mask"]
+    trainer.plugins["algorithm.token_mask"] = TOKEN_MASKS.build(PluginSpec("rl_tasks:reject_every_third"))
+    try:
+        whole = _gradients(trainer, batch, len(batch))
+        for size in (1, 3):
+            for g_whole, g_split in zip(whole, _gradients(trainer, batch, size)):
+                torch.testing.assert_close(g_split, g_whole, rtol=0, atol=1e-6)
+    finally:
+        trainer.plugins["algorithm.token_mask"] = original
+
+    model = trainer.model
+    model.zero_grad(set_to_none=True)
+    out = policy_logprobs(model, batch.prompt_ids, batch.response_ids, batch.response_mask, pad_id=trainer.pad_id)
+    keep = (torch.arange(batch.response_mask.shape[1]) % 3 != 0).float()
+    mask = batch.response_mask * keep
+    per_token, _ = ppo_clip_surrogate(out.logprobs, batch.behavior_logprobs, batch.advantages, mask)
+    normalizer = loss_normalizer(mask, agg, trainer.cfg.rollout.max_tokens)
+    aggregate(per_token, mask, agg, normalizer).backward()
+    for g_trainer, param in zip(whole, model.parameters()):
+        torch.testing.assert_close(g_trainer, param.grad, rtol=1e-4, atol=1e-6)
+    model.zero_grad(set_to_none=True)
+
+
+def test_rejected_tokens_leave_the_token_mean_denominator():
+    """8 tokens with loss -1 each, 2 rejected: the token-mean loss is -1.0 (6/6), not -0.75 (6/8)."""
+    from rlkit.algorithms import combine_loss, loss_normalizer
+
+    per_token = -torch.ones(1, 8)
+    mask = torch.ones(1, 8)
+    mask[0, [2, 5]] = 0
+    loss, _ = combine_loss(per_token, mask, agg="token-mean", normalizer=loss_normalizer(mask, "token-mean"))
+    assert loss.item() == pytest.approx(-1.0)

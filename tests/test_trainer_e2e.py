@@ -11,7 +11,7 @@ from rlkit.trainer.trainer import Trainer
 TINY = [
     "rollout.n=4",
     "rollout.max_tokens=16",
-    "rollout.max_model_len=256",
+    "rollout.engine.options.max_model_len=256",
     "trainer.prompts_per_step=4",
     "trainer.micro_batch_size=8",
     "reward.num_workers=1",

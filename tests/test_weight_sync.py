@@ -4,7 +4,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from rlkit.rollout import SamplingConfig, create_engine
-from rlkit.sampling import SamplerContext, sample_groups
+from rlkit.sampling.samplers import SamplerContext, sample_groups
 from rlkit.trainer.logprobs import policy_logprobs
 
 
@@ -39,7 +39,7 @@ def _train_one_step(model, lr=5e-2):
 def test_pushed_weights_match_trainer(request, fixture, engine_name):
     model_dir = request.getfixturevalue(fixture)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    engine = create_engine(engine_name, str(model_dir), max_model_len=256)
+    engine = create_engine(engine_name, str(model_dir), **({"max_model_len": 256} if engine_name == "vllm" else {}))
     prompts = [[11, 12, 13, 14], [20, 21], [30, 31, 32, 33, 34, 35]]
     try:
         for temperature in (1.0, 0.7):

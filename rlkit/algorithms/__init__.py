@@ -1,15 +1,15 @@
-"""Pure tensor-in / tensor-out algorithm functions: advantage estimators, reward shapers, losses, group filter.
+"""Pure tensor-in / tensor-out algorithm functions: advantage estimators, reward shapers, losses, group statistics.
 
-Imports only torch and rlkit.registry. Estimators and shapers are reached by name through the
-registries (DESIGN.md §2); user functions plug in by import path, "package.module:function".
+Imports only torch and rlkit.registry. Every plug-in is reached by name through its registry
+(docs/architecture.md); user functions plug in by import path, "package.module:function".
 """
 from __future__ import annotations
 
 from torch import Tensor
 
 from rlkit.algorithms.advantages import ADVANTAGES
-from rlkit.algorithms.group_filter import zero_variance_groups
-from rlkit.algorithms.losses import AGGREGATIONS, aggregate, loss_normalizer, policy_loss
+from rlkit.algorithms.groups import zero_variance_groups
+from rlkit.algorithms.losses import AGGREGATIONS, aggregate, combine_loss, k3_kl, loss_normalizer, policy_loss, ppo_clip_surrogate
 from rlkit.algorithms.shaping import SHAPERS
 
 
@@ -28,9 +28,12 @@ __all__ = [
     "AGGREGATIONS",
     "SHAPERS",
     "aggregate",
+    "combine_loss",
+    "k3_kl",
     "compute_advantages",
     "loss_normalizer",
     "policy_loss",
+    "ppo_clip_surrogate",
     "shape_rewards",
     "zero_variance_groups",
 ]

@@ -1,10 +1,11 @@
-"""Group advantage estimators (ALGORITHMS.md §0, §1; OPO, FR3E and Critique-GRPO live elsewhere).
+"""Group advantage estimators (docs/algorithms.md, "Advantage estimators").
 
 Every estimator has one signature, registered in ``ADVANTAGES``:
 ``fn(rewards [B] float, group_ids [B] long, response_mask [B,T], *, scorable=None [B] bool, **options)
--> advantages [B,T] float32`` with ``adv[i,t] = A_i * mask[i,t]``.
+-> advantages [B,T] float32``; method tensors a sampler adds (``RolloutBatch.estimator_inputs``,
+e.g. FR3E's state ids [B]) arrive as further keywords with ``adv[i,t] = A_i * mask[i,t]``.
 
-Shared rules (ALGORITHMS.md, rlkit decisions):
+Shared rules (docs/algorithms.md, "rlkit decisions"):
 - unscorable samples are left out of every group statistic and get A = 0;
 - a group with exactly one scorable sample gets A = 0 (``singleton="zero"``) or A = r
   (``singleton="reward"``, verl parity);
@@ -16,10 +17,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rlkit.algorithms.group_filter import check_group_inputs, group_index, group_range
+from rlkit.algorithms.groups import check_group_inputs, group_index, group_range
 from rlkit.registry import Registry
 
-ADVANTAGES: Registry = Registry("advantage estimator")
+ADVANTAGES: Registry = Registry("advantage estimator", inputs=("rewards", "group_ids", "response_mask", "scorable"))
 
 SINGLETON_MODES = ("zero", "reward")
 
@@ -62,7 +63,7 @@ def _check_options(rewards: Tensor, response_mask: Tensor, singleton: str, tol: 
         raise ValueError(f"tol must be >= 0, got {tol}")
 
 
-@ADVANTAGES.register("grpo")
+@ADVANTAGES.register("grpo", needs_groups=True)
 def grpo(
     rewards: Tensor,
     group_ids: Tensor,
@@ -91,7 +92,7 @@ def grpo(
     return groups.finish(advantage, singleton, response_mask)
 
 
-@ADVANTAGES.register("dr_grpo")
+@ADVANTAGES.register("dr_grpo", needs_groups=True)
 def dr_grpo(
     rewards: Tensor,
     group_ids: Tensor,
@@ -107,7 +108,7 @@ def dr_grpo(
     )
 
 
-@ADVANTAGES.register("rloo")
+@ADVANTAGES.register("rloo", needs_groups=True)
 def rloo(
     rewards: Tensor,
     group_ids: Tensor,

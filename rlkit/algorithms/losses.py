@@ -1,9 +1,10 @@
-"""PPO-style policy loss and loss aggregation (ALGORITHMS.md §0, §1).
+"""The policy loss as parts (docs/algorithms.md, "Policy loss"): a per-token surrogate, its aggregation,
+and the KL and entropy terms the trainer adds once.
 
-Normalisation is global: ``loss_normalizer`` is computed once over the whole mini-batch
-mask (all micro-batches; the trainer all-reduces it across ranks), and ``aggregate`` of
-one micro-batch divides by it. The sum of the micro-batch losses is then the loss of the
-full mini-batch, so gradient accumulation and data parallelism change nothing.
+Normalisation is global: ``loss_normalizer`` is the denominator of a whole mini-batch (over the
+final loss mask, after token masks; summed over micro-batches and ranks), and ``aggregate`` of one
+micro-batch divides by it. The sum of the micro-batch losses is then the loss of the full
+mini-batch, so gradient accumulation and data parallelism change nothing.
 Shapes: b = rows of one micro-batch, T = padded response length.
 """
 from __future__ import annotations
@@ -76,6 +77,110 @@ def _token_mean(values: Tensor, keep: Tensor, tokens: Tensor) -> Tensor:
     return (torch.where(keep, values.to(torch.float32), 0.0).sum() / tokens.clamp(min=1)).detach()
 
 
+def _check_shapes(logprobs: Tensor, **named: Tensor | None) -> None:
+    for name, tensor in named.items():
+        if tensor is not None and tensor.shape != logprobs.shape:
+            raise ValueError(
+                f"{name} must have the shape of logprobs {tuple(logprobs.shape)}, got {tuple(tensor.shape)}"
+            )
+
+
+def ppo_clip_surrogate(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    dual_clip_c: float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-token clipped PPO surrogate with optional dual clip. All inputs [b,T] -> (loss per token [b,T], metrics).
+
+    ratio = exp(logprobs - old_logprobs); l = max(-A*ratio, -A*clip(ratio, 1-eps_low, 1+eps_high));
+    with ``dual_clip_c`` and A < 0, l = min(l, -A*c). Gradients flow through ``logprobs`` only; masked
+    positions are 0. Metrics are detached token-means over ``mask`` (clip fractions, ratio) and ``ratio_max``.
+    """
+    _check_shapes(logprobs, old_logprobs=old_logprobs, advantages=advantages, mask=mask)
+    if not 0 <= eps_low < 1 or eps_high < 0:
+        raise ValueError(
+            f"clip range needs 0 <= eps_low < 1 and eps_high >= 0, got eps_low={eps_low}, eps_high={eps_high}"
+        )
+    if dual_clip_c is not None and not dual_clip_c > 1:
+        raise ValueError(f"dual_clip_c must be > 1 (verl default 3, DAPO 10) or None, got {dual_clip_c}")
+    keep = mask.bool()
+    tokens = keep.sum().to(torch.float32)
+    adv = advantages.detach().to(torch.float32)
+    log_ratio = torch.where(keep, logprobs.to(torch.float32) - old_logprobs.detach().to(torch.float32), 0.0)
+    ratio = torch.exp(log_ratio.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
+    per_token = torch.maximum(unclipped, clipped)
+    clip_changed = keep & (clipped > unclipped)
+    metrics = {
+        "clip_frac": _token_mean(clip_changed, keep, tokens),
+        "clip_frac_low": _token_mean(clip_changed & (adv < 0), keep, tokens),
+        "clip_frac_high": _token_mean(clip_changed & (adv > 0), keep, tokens),
+        "ratio_mean": _token_mean(ratio, keep, tokens),
+        "ratio_max": torch.where(keep, ratio, 0.0).max().detach() if keep.numel() else tokens * 0,
+    }
+    if dual_clip_c is not None:
+        bound = -adv * dual_clip_c
+        dual = (adv < 0) & (bound < per_token)
+        per_token = torch.where(dual, bound, per_token)
+        metrics["dual_clip_frac"] = _token_mean(dual, keep, tokens)
+    else:
+        metrics["dual_clip_frac"] = torch.zeros((), device=logprobs.device)
+    return torch.where(keep, per_token, 0.0), metrics
+
+
+def k3_kl(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor) -> Tensor:
+    """k3 estimate of KL(policy || reference) per token: exp(ref - logp) - (ref - logp) - 1. [b,T] -> [b,T]."""
+    _check_shapes(logprobs, ref_logprobs=ref_logprobs, mask=mask)
+    delta = torch.where(mask.bool(), ref_logprobs.detach().to(torch.float32) - logprobs.to(torch.float32), 0.0)
+    delta = delta.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+    return torch.exp(delta) - delta - 1.0
+
+
+def combine_loss(
+    per_token: Tensor,
+    mask: Tensor,
+    *,
+    agg: str,
+    normalizer: float,
+    kl: Tensor | None = None,
+    kl_coef: float = 0.0,
+    entropies: Tensor | None = None,
+    entropy_coef: float = 0.0,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """loss = agg(per_token) + kl_coef*agg(kl) - entropy_coef*agg(entropies); all [b,T] over ``mask``.
+
+    Returns (scalar loss, metrics): ``pg_loss`` (this micro-batch's aggregated surrogate), token-means
+    ``kl`` and ``entropy`` when given, and ``tokens`` (the mask sum).
+    """
+    _check_shapes(per_token, mask=mask, kl=kl, entropies=entropies)
+    if kl_coef < 0 or entropy_coef < 0:
+        raise ValueError(f"kl_coef and entropy_coef must be >= 0, got kl_coef={kl_coef}, entropy_coef={entropy_coef}")
+    if kl_coef > 0 and kl is None:
+        raise ValueError("kl_coef > 0 needs the KL to a reference model; set algorithm.loss.kl_coef=0 to train without KL")
+    if entropy_coef > 0 and entropies is None:
+        raise ValueError("entropy_coef > 0 needs entropies; set algorithm.loss.entropy_coef=0 or compute token entropies")
+    keep = mask.bool()
+    tokens = keep.sum().to(torch.float32)
+    pg_loss = aggregate(per_token, keep, agg, normalizer)
+    loss = pg_loss
+    metrics = {"pg_loss": pg_loss.detach(), "tokens": tokens}
+    if kl is not None:
+        metrics["kl"] = _token_mean(kl, keep, tokens)
+        if kl_coef > 0:
+            loss = loss + kl_coef * aggregate(kl, keep, agg, normalizer)
+    if entropies is not None:
+        metrics["entropy"] = _token_mean(entropies, keep, tokens)
+        if entropy_coef > 0:
+            loss = loss - entropy_coef * aggregate(entropies.to(torch.float32), keep, agg, normalizer)
+    return loss, metrics
+
+
 def policy_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
@@ -92,74 +197,17 @@ def policy_loss(
     entropies: Tensor | None = None,
     entropy_coef: float = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Clipped PPO surrogate with optional dual clip, k3 KL penalty and entropy bonus. All inputs [b,T].
+    """The whole PPO loss of one micro-batch: `ppo_clip_surrogate`, then `combine_loss`. All inputs [b,T].
 
-    ratio = exp(logprobs - old_logprobs); per token l = max(-A*ratio, -A*clip(ratio, 1-eps_low, 1+eps_high));
-    with ``dual_clip_c`` and A < 0, l = min(l, -A*c). loss = agg(l) + kl_coef*agg(k3) - entropy_coef*agg(H),
-    k3 = exp(ref - logp) - (ref - logp) - 1. Gradients flow through ``logprobs`` and ``entropies`` only.
-    Returns (scalar loss, metrics): detached scalars, token-means over this micro-batch's mask except
-    ``pg_loss`` (this micro-batch's aggregated surrogate), ``ratio_max`` and ``tokens`` (the mask sum).
+    Returns (scalar loss, metrics) with the metrics of both parts.
     """
-    named = {"old_logprobs": old_logprobs, "advantages": advantages, "mask": mask}
-    named.update({"ref_logprobs": ref_logprobs, "entropies": entropies})
-    for name, tensor in named.items():
-        if tensor is not None and tensor.shape != logprobs.shape:
-            raise ValueError(
-                f"{name} must have the shape of logprobs {tuple(logprobs.shape)}, got {tuple(tensor.shape)}"
-            )
-    if not 0 <= eps_low < 1 or eps_high < 0:
-        raise ValueError(
-            f"clip range needs 0 <= eps_low < 1 and eps_high >= 0, got eps_low={eps_low}, eps_high={eps_high}"
-        )
-    if dual_clip_c is not None and not dual_clip_c > 1:
-        raise ValueError(f"dual_clip_c must be > 1 (verl default 3, DAPO 10) or None, got {dual_clip_c}")
-    if kl_coef < 0 or entropy_coef < 0:
-        raise ValueError(f"kl_coef and entropy_coef must be >= 0, got kl_coef={kl_coef}, entropy_coef={entropy_coef}")
     if kl_coef > 0 and ref_logprobs is None:
         raise ValueError(
             "kl_coef > 0 needs ref_logprobs (a reference model); set algorithm.loss.kl_coef=0 to train without KL"
         )
-    if entropy_coef > 0 and entropies is None:
-        raise ValueError("entropy_coef > 0 needs entropies; set algorithm.loss.entropy_coef=0 or compute token entropies")
-
-    keep = mask.bool()
-    tokens = keep.sum().to(torch.float32)
-    adv = advantages.detach().to(torch.float32)
-    log_ratio = torch.where(keep, logprobs.to(torch.float32) - old_logprobs.detach().to(torch.float32), 0.0)
-    ratio = torch.exp(log_ratio.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))
-    unclipped = -adv * ratio
-    clipped = -adv * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
-    per_token = torch.maximum(unclipped, clipped)
-    clip_changed = keep & (clipped > unclipped)
-    metrics = {
-        "clip_frac": _token_mean(clip_changed, keep, tokens),
-        "clip_frac_low": _token_mean(clip_changed & (adv < 0), keep, tokens),
-        "clip_frac_high": _token_mean(clip_changed & (adv > 0), keep, tokens),
-    }
-    if dual_clip_c is not None:
-        bound = -adv * dual_clip_c
-        dual = (adv < 0) & (bound < per_token)
-        per_token = torch.where(dual, bound, per_token)
-        metrics["dual_clip_frac"] = _token_mean(dual, keep, tokens)
-    else:
-        metrics["dual_clip_frac"] = torch.zeros((), device=logprobs.device)
-
-    pg_loss = aggregate(per_token, keep, agg, normalizer)
-    loss = pg_loss
-    metrics["pg_loss"] = pg_loss.detach()
-    metrics["ratio_mean"] = _token_mean(ratio, keep, tokens)
-    metrics["ratio_max"] = torch.where(keep, ratio, 0.0).max().detach() if keep.numel() else tokens * 0
-    metrics["tokens"] = tokens
-
-    if ref_logprobs is not None:
-        delta = torch.where(keep, ref_logprobs.detach().to(torch.float32) - logprobs.to(torch.float32), 0.0)
-        delta = delta.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
-        kl = torch.exp(delta) - delta - 1.0
-        metrics["kl"] = _token_mean(kl, keep, tokens)
-        if kl_coef > 0:
-            loss = loss + kl_coef * aggregate(kl, keep, agg, normalizer)
-    if entropies is not None:
-        metrics["entropy"] = _token_mean(entropies, keep, tokens)
-        if entropy_coef > 0:
-            loss = loss - entropy_coef * aggregate(entropies.to(torch.float32), keep, agg, normalizer)
-    return loss, metrics
+    per_token, metrics = ppo_clip_surrogate(logprobs, old_logprobs, advantages, mask,
+                                            eps_low=eps_low, eps_high=eps_high, dual_clip_c=dual_clip_c)
+    kl = k3_kl(logprobs, ref_logprobs, mask) if ref_logprobs is not None else None
+    loss, combined = combine_loss(per_token, mask, agg=agg, normalizer=normalizer, kl=kl, kl_coef=kl_coef,
+                                  entropies=entropies, entropy_coef=entropy_coef)
+    return loss, {**metrics, **combined}

@@ -1,17 +1,29 @@
 """Rollout engines (`vllm`, `hf`) behind one protocol; see `rlkit.rollout.base`."""
+from rlkit.registry import PluginSpec
 from rlkit.rollout.base import ENGINES, Completion, RolloutEngine, SamplingConfig
 
 # Built-ins by import path, so the heavy `vllm` import happens only when it is used.
 _BUILTIN = {"vllm": "rlkit.rollout.vllm_engine:VLLMEngine", "hf": "rlkit.rollout.hf_engine:HFEngine"}
 
 
+def engine_target(name: str) -> str:
+    """The registry key of engine `name`: a built-in's import path, else `name` itself."""
+    return _BUILTIN.get(name, name)
+
+
 def create_engine(name: str, model_path: str, **options) -> RolloutEngine:
     """Build the engine called `name` (a built-in, a registered name or 'pkg.mod:Class')."""
-    return ENGINES.get(_BUILTIN.get(name, name))(model_path, **options)
+    return ENGINES.get(engine_target(name))(model_path, **options)
+
+
+def make_engine(spec: PluginSpec, model_path: str, dtype: str) -> RolloutEngine:
+    """The engine a config names (`rollout.engine`), for the model at `model_path` in precision `dtype`."""
+    return create_engine(spec.name, model_path, dtype=dtype, **spec.options)
 
 
 def engine_names() -> list[str]:
     return sorted(set(_BUILTIN) | set(ENGINES.names()))
 
 
-__all__ = ["ENGINES", "Completion", "RolloutEngine", "SamplingConfig", "create_engine", "engine_names"]
+__all__ = ["ENGINES", "Completion", "RolloutEngine", "SamplingConfig", "create_engine", "engine_names",
+           "engine_target", "make_engine"]

@@ -56,4 +56,4 @@ class RolloutEngine(Protocol):
     def close(self) -> None: ...
 
 
-ENGINES: Registry = Registry("rollout engine")
+ENGINES: Registry = Registry("rollout engine", inputs=("model_path", "dtype"))

@@ -12,7 +12,7 @@ from rlkit.rollout.base import Completion, SamplingConfig
 class HFEngine:
     """Its own copy of the model; prompts are left-padded and sampled in one batch."""
 
-    def __init__(self, model_path: str, *, dtype: str = "float32", device: str | None = None, **_unused):
+    def __init__(self, model_path: str, *, dtype: str = "float32", device: str | None = None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(self.device)
         self.model.eval()

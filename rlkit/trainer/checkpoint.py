@@ -1,4 +1,4 @@
-"""Atomic, resumable checkpoints: runs/<name>/checkpoints/step_N/ (DESIGN.md §6)."""
+"""Atomic, resumable checkpoints: runs/<name>/checkpoints/step_N/ (docs/architecture.md, "Checkpoints")."""
 from __future__ import annotations
 
 import json
@@ -13,8 +13,12 @@ import torch
 STATE_FILE = "trainer_state.json"
 
 
-def save_checkpoint(root: Path, step: int, *, model, tokenizer, optimizer, scheduler, state: dict, keep_last: int) -> Path:
-    """Write step_N through a temp dir + rename, so a crash never leaves a half checkpoint; prune old ones."""
+def save_checkpoint(root: Path, step: int, *, model, tokenizer, optimizer, scheduler, state: dict,
+                    plugin_state: dict, keep_last: int) -> Path:
+    """Write step_N through a temp dir + rename, so a crash never leaves a half checkpoint; prune old ones.
+
+    state: JSON-able trainer state; plugin_state: config key -> state_dict of each stateful plug-in.
+    """
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step}"
     tmp = Path(tempfile.mkdtemp(prefix=f".step_{step}.", dir=root))
@@ -29,6 +33,7 @@ def save_checkpoint(root: Path, step: int, *, model, tokenizer, optimizer, sched
                 "python": random.getstate(),
                 "numpy": np.random.get_state(),
             },
+            "plugins": plugin_state,
         },
         tmp / "optim.pt",
     )
@@ -49,8 +54,8 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name.split("_")[1]))
 
 
-def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> dict:
-    """Restore model, optimizer, scheduler and RNG from `path`; return the trainer state dict."""
+def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> tuple[dict, dict]:
+    """Restore model, optimizer, scheduler and RNG from `path`; return (trainer state, plug-in states)."""
     from safetensors.torch import load_file
 
     weights = {}
@@ -66,4 +71,4 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> dict:
     torch.set_rng_state(blob["rng"]["torch"])
     random.setstate(blob["rng"]["python"])
     np.random.set_state(blob["rng"]["numpy"])
-    return json.loads((path / STATE_FILE).read_text())
+    return json.loads((path / STATE_FILE).read_text()), blob["plugins"]

@@ -1,9 +1,15 @@
-"""Metric sinks: metrics.jsonl, console, tensorboard and wandb."""
+"""Step metrics and their sinks: metrics.jsonl, samples.jsonl, console, tensorboard and wandb."""
 from __future__ import annotations
 
 import json
 import logging
+from collections import defaultdict
 from pathlib import Path
+
+import torch
+
+from rlkit.algorithms import zero_variance_groups
+from rlkit.batch import RolloutBatch
 
 log = logging.getLogger("rlkit")
 
@@ -43,10 +49,12 @@ class MetricsLogger:
             keys = ("reward/mean", "reward/accuracy", "response/length_mean", "actor/entropy", "time/step")
             log.info("step %d  %s", step, "  ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics))
 
-    def log_samples(self, step: int, samples: list[dict]) -> None:
-        """Append decoded responses with their scores to <run>/samples.jsonl."""
+    def log_samples(self, step: int, batch: RolloutBatch, count: int) -> None:
+        """Append the first `count` decoded responses of `batch` with their scores to <run>/samples.jsonl."""
         with (self.path.parent / "samples.jsonl").open("a") as f:
-            for sample in samples:
+            for i in range(min(count, len(batch))):
+                sample = {"question": batch.rows[i]["question"], "answer": batch.rows[i]["answer"],
+                          "response": batch.texts[i], "extracted": batch.extracted[i], "reward": batch.rewards[i].item()}
                 f.write(json.dumps({"step": step, **sample}) + "\n")
 
     def close(self) -> None:
@@ -54,3 +62,83 @@ class MetricsLogger:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def rollout_metrics(seen: RolloutBatch, batch: RolloutBatch) -> dict[str, float]:
+    """Rewards and lengths of everything sampled this step (`seen`, verifier rewards) and what is trained (`batch`)."""
+    lengths = seen.lengths.float()
+    scorable = seen.scorable
+    rewards = seen.rewards[scorable] if scorable.any() else torch.zeros(1)
+    zero_var = zero_variance_groups(seen.rewards, seen.group_ids, scorable)
+    metrics = {
+        "reward/mean": rewards.mean().item(),
+        "reward/std": rewards.std().item() if rewards.numel() > 1 else 0.0,
+        "reward/accuracy": seen.correct.float().mean().item(),
+        "reward/unscorable": float((~scorable).sum()),
+        "reward/no_answer": float(sum(e is None for e in seen.extracted)),
+        "response/length_mean": lengths.mean().item(),
+        "response/length_max": lengths.max().item(),
+        "response/length_std": lengths.std().item() if lengths.numel() > 1 else 0.0,
+        "response/truncated_frac": seen.truncated.float().mean().item(),
+        "response/tokens": lengths.sum().item(),
+        "batch/zero_variance_group_frac": seen.group_ids[zero_var].unique().numel() / seen.group_ids.unique().numel(),
+        "batch/samples_trained": float(len(batch)),
+        "batch/groups_trained": float(batch.group_ids.unique().numel()),
+        "batch/prompts_trained": float(batch.prompt_index.unique().numel()),
+    }
+    if len(batch):
+        metrics["reward/shaped_mean"] = batch.rewards[batch.scorable].mean().item() if batch.scorable.any() else 0.0
+    return metrics
+
+
+def step_metrics(timer: dict[str, float], metrics: dict[str, float], *, lr: float, rounds: int) -> dict[str, float]:
+    """Timings, throughput, learning rate and peak GPU memory of one step."""
+    out = {f"time/{k}": v for k, v in timer.items()}
+    out["perf/tokens_per_s"] = metrics.get("response/tokens", 0.0) / timer["step"]
+    out["actor/lr"] = lr
+    out["batch/sample_rounds"] = float(rounds)
+    if torch.cuda.is_available():
+        out["perf/gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
+class UpdateStats:
+    """Accumulates the update's metrics: token-weighted loss terms, losses, grad norms, logprob gap."""
+
+    def __init__(self):
+        self.sums, self.tokens = defaultdict(float), defaultdict(float)
+        self.losses, self.grad_norms = [], []
+        self.gap_sum = self.gap_max = self.gap_tokens = 0.0
+
+    def add(self, metrics: dict[str, torch.Tensor]) -> None:
+        """Metrics of one micro-batch: token-means weighted by its kept tokens (`metrics["tokens"]`)."""
+        tokens = metrics["tokens"].item()
+        for key, value in metrics.items():
+            if key != "tokens":
+                self.sums[key] += value.item() * tokens
+                self.tokens[key] += tokens
+
+    def add_loss(self, loss: float) -> None:
+        self.losses.append(float(loss))
+
+    def add_grad_norm(self, norm: float) -> None:
+        self.grad_norms.append(norm)
+
+    def add_gap(self, logprobs: torch.Tensor, behavior: torch.Tensor, mask: torch.Tensor) -> None:
+        """|trainer - engine| logprobs [b,T] over response tokens, before any weight update."""
+        mask = mask.to(logprobs.device)
+        diff = (logprobs - behavior.to(logprobs.device)).abs() * mask
+        self.gap_sum += diff.sum().item()
+        self.gap_max = max(self.gap_max, diff.max().item())
+        self.gap_tokens += mask.sum().item()
+
+    def result(self, batch: RolloutBatch) -> dict[str, float]:
+        metrics = {f"actor/{k}": self.sums[k] / max(self.tokens[k], 1.0) for k in self.sums}
+        metrics["actor/pg_loss"] = sum(self.losses) / len(self.losses)
+        metrics["rollout/logprob_gap_mean"] = self.gap_sum / max(self.gap_tokens, 1.0)
+        metrics["rollout/logprob_gap_max"] = self.gap_max
+        if self.grad_norms:
+            metrics["actor/grad_norm"] = sum(self.grad_norms) / len(self.grad_norms)
+        mask = batch.response_mask
+        metrics["actor/advantage_abs_mean"] = ((batch.advantages.abs() * mask).sum() / mask.sum().clamp(min=1)).item()
+        return metrics

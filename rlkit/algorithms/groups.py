@@ -2,7 +2,7 @@
 
 Shapes: B = number of samples in the batch. Group ids are arbitrary long values
 (not necessarily contiguous or sorted); unscorable samples (``scorable[i]`` False)
-are left out of every group statistic (ALGORITHMS.md, rlkit decisions).
+are left out of every group statistic (docs/algorithms.md, "rlkit decisions").
 """
 from __future__ import annotations
 

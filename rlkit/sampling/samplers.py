@@ -1,4 +1,9 @@
-"""Samplers: turn a batch of prompt rows into a RolloutBatch through a RolloutEngine (DESIGN.md §2)."""
+"""Samplers: turn a batch of prompt rows into a RolloutBatch through a RolloutEngine (docs/architecture.md).
+
+A sampler is ``fn(rows, ctx, *, first_group_id, **options) -> RolloutBatch``; it fills ``prompt_index``
+(which of `rows` each sample answers) and numbers its groups from ``first_group_id`` upwards. It may
+make any number of groups per prompt, and may score mid-sampling through ``ctx.score``.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,7 +15,7 @@ from rlkit.batch import RolloutBatch
 from rlkit.registry import Registry
 from rlkit.rollout.base import Completion, RolloutEngine, SamplingConfig
 
-SAMPLERS: Registry = Registry("sampler")
+SAMPLERS: Registry = Registry("sampler", inputs=("rows", "ctx", "first_group_id"))
 
 
 @dataclass
@@ -51,6 +56,7 @@ def batch_from_completions(
         response_mask=mask,
         behavior_logprobs=logprobs,
         group_ids=torch.tensor(group_ids, dtype=torch.long),
+        prompt_index=torch.tensor([c.prompt_index for c in completions], dtype=torch.long),
         truncated=torch.tensor([c.finish_reason == "length" for c in completions]),
         rows=[rows[c.prompt_index] for c in completions],
         texts=ctx.tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True),

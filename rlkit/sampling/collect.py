@@ -1,0 +1,89 @@
+"""One step's rollouts: sample -> verify -> filter -> resample -> shape (docs/architecture.md, "The step").
+
+Counts prompts, not groups, so a sampler may make several groups per prompt. Filters judge the
+verifier's rewards; the shaper runs once, on the joined batch that is trained, with ``scorable``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from rlkit.batch import RolloutBatch
+from rlkit.registry import Plugin
+from rlkit.sampling.samplers import SamplerContext
+
+# Each resampling round draws fresh samples: its seed is the step's seed plus round * this prime.
+ROUND_SEED_STRIDE = 7919
+
+
+@dataclass
+class Collected:
+    """batch: what the step trains on (rewards shaped); seen: everything sampled, verifier rewards."""
+
+    batch: RolloutBatch
+    seen: RolloutBatch
+    next_group_id: int
+    rounds: int
+    generate_s: float
+    reward_s: float
+
+
+def collect(
+    next_rows: Callable[[], list[dict]],
+    ctx: SamplerContext,
+    *,
+    sampler: Plugin,
+    group_filter: Plugin,
+    shaper: Plugin,
+    prompts: int,
+    max_rounds: int,
+    first_group_id: int,
+    pad_id: int,
+) -> Collected:
+    """Sample rounds of `next_rows()` until `prompts` prompts survive `group_filter` (at most `max_rounds`).
+
+    The first `prompts` surviving prompts are kept with all their groups; prompt_index becomes the
+    prompt's position among every prompt drawn this step.
+    """
+    kept, seen, drawn, group_id = [], [], 0, first_group_id
+    generate_s = reward_s = 0.0
+    base_sampling = ctx.sampling
+    rounds = 0
+    for rounds in range(1, max_rounds + 1):
+        rows = next_rows()
+        ctx.sampling = dataclasses.replace(base_sampling, seed=_round_seed(base_sampling.seed, rounds - 1))
+        tick = time.perf_counter()
+        batch = sampler(rows, ctx, first_group_id=group_id)
+        generate_s += time.perf_counter() - tick
+        tick = time.perf_counter()
+        if batch.rewards is None:
+            ctx.score(batch)
+        reward_s += time.perf_counter() - tick
+        if len(batch):
+            group_id = int(batch.group_ids.max()) + 1
+        batch.prompt_index = batch.prompt_index + drawn
+        drawn += len(rows)
+        seen.append(batch)
+        kept.append(batch.select(group_filter(batch).nonzero()[:, 0]))
+        if _prompt_count(kept) >= prompts:
+            break
+    ctx.sampling = base_sampling
+    batch = RolloutBatch.concat(kept, pad_id)
+    first = batch.prompt_index.unique(sorted=True)[:prompts]
+    batch = batch.select(torch.isin(batch.prompt_index, first).nonzero()[:, 0])
+    tick = time.perf_counter()
+    batch.rewards = shaper(batch.rewards, batch.correct, batch.lengths, batch.group_ids, scorable=batch.scorable)
+    reward_s += time.perf_counter() - tick
+    return Collected(batch, RolloutBatch.concat(seen, pad_id), group_id, rounds, generate_s, reward_s)
+
+
+def _round_seed(seed: int | None, round_index: int) -> int | None:
+    return None if seed is None else seed + round_index * ROUND_SEED_STRIDE
+
+
+def _prompt_count(batches: list[RolloutBatch]) -> int:
+    return torch.cat([b.prompt_index for b in batches]).unique().numel()

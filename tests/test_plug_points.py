@@ -1,0 +1,82 @@
+"""Every plug point follows one convention: options from the command line, declared capabilities,
+state saved with checkpoints, several groups per prompt, and shapers that see the whole trained batch."""
+import pytest
+import torch
+
+import rl_tasks
+from rlkit.registry import Capabilities, PluginSpec, Registry, declare, plugin_spec
+from test_trainer_e2e import run
+
+
+def test_plugin_spec_forms():
+    assert plugin_spec("grpo", "algorithm.advantage") == PluginSpec("grpo", {})
+    assert plugin_spec({"name": "grpo", "options": {"eps": 1}}, "k") == PluginSpec("grpo", {"eps": 1})
+    assert plugin_spec({"name": "grpo", "options": None}, "k") == PluginSpec("grpo", {})
+    for bad in ("", ["grpo"], {"name": "grpo", "optons": {}}, 3):
+        with pytest.raises(ValueError, match="k: expected a plug-in name or {name: NAME, options"):
+            plugin_spec(bad, "k")
+    with pytest.raises(ValueError, match=r"k: has options but no plug-in name .* Fix: k.name=NAME \+k.options.KEY=VALUE"):
+        plugin_spec({"options": {"x": 1}}, "k")
+
+
+def test_registry_builds_functions_and_stateful_classes():
+    reg = Registry("thing", inputs=("x",))
+
+    @reg.register("scale", needs_groups=True)
+    def scale(x, *, factor: float = 2.0):
+        return x * factor
+
+    built = reg.build(PluginSpec("scale", {"factor": 3.0}))
+    assert built(2) == 6 and built.capabilities == Capabilities(needs_groups=True) and not built.stateful
+    counter = reg.build(PluginSpec("rl_tasks:StepCounter", {"start": 5}))
+    counter.after_optimizer_step()
+    assert counter.stateful and counter.state_dict() == {"steps": 6}
+    counter.load_state_dict({"steps": 1})
+    assert counter.impl.steps == 1
+    assert declare(needs_hidden=True)(lambda inputs: inputs).capabilities.needs_hidden
+
+
+def test_registry_option_checks_name_the_plugin_and_its_options():
+    reg = Registry("thing", inputs=("x",))
+    reg.register("needs_k")(lambda x, *, k: x)
+
+    def scale(x, *, factor: float = 2.0):
+        return x
+
+    reg.register("scale")(scale)
+    with pytest.raises(ValueError, match=r"key.options.fctor: thing 'scale' takes no option 'fctor' \(it takes \['factor'\]\)"):
+        reg.check_options("key", PluginSpec("scale", {"fctor": 1}))
+    with pytest.raises(ValueError, match="key.options.x: is filled in by rlkit"):
+        reg.check_options("key", PluginSpec("scale", {"x": 1}))
+    with pytest.raises(ValueError, match=r"needs \['k'\]. Fix: set key.options.k=VALUE"):
+        reg.check_options("key", PluginSpec("needs_k", {}))
+
+
+def test_stateful_token_mask_survives_resume_with_command_line_options(tmp_path, tiny_model_dir):
+    common = ["trainer.total_steps=4", "reward.verifier=rl_tasks:contains_seven",
+              "algorithm.token_mask.name=rl_tasks:StepCounter", "+algorithm.token_mask.options.start=10"]
+    run(tmp_path, tiny_model_dir, "straight", *common, "trainer.save_every=0")
+    run(tmp_path, tiny_model_dir, "split", *common, "trainer.save_every=2", "trainer.total_steps=2")
+    run(tmp_path, tiny_model_dir, "split", *common, "trainer.save_every=2", "trainer.resume=auto")
+    for name in ("straight", "split"):
+        blob = torch.load(tmp_path / name / "checkpoints" / "step_4" / "optim.pt", weights_only=False)
+        assert blob["plugins"]["algorithm.token_mask"] == {"steps": 14}  # 10 + one per optimizer step
+
+
+def test_sampler_with_three_groups_per_prompt_trains_on_all_of_them(tmp_path, tiny_model_dir):
+    metrics = run(tmp_path, tiny_model_dir, "branches", "trainer.total_steps=1",
+                  "reward.verifier=rl_tasks:contains_seven", "algorithm.sampler=rl_tasks:three_groups_per_prompt")
+    step = metrics[0]  # TINY: 4 prompts x n=4
+    assert (step["batch/prompts_trained"], step["batch/groups_trained"], step["batch/samples_trained"]) == (4, 12, 48)
+
+
+def test_shaper_sees_the_whole_joined_batch_after_resampling(tmp_path, tiny_model_dir):
+    rl_tasks.SHAPER_CALLS.clear()
+    metrics = run(tmp_path, tiny_model_dir, "dapo", "+recipe=dapo", "rollout.n=4", "trainer.total_steps=2",
+                  "reward.verifier=rl_tasks:seven_if_even_answer", "algorithm.reward_shaper=rl_tasks:recording_shaper",
+                  "algorithm.max_sample_rounds=4")
+    assert any(m["batch/sample_rounds"] >= 2 for m in metrics)  # odd answers give flat groups: resampled
+    assert len(rl_tasks.SHAPER_CALLS) == 2  # once per step, on the joined batch
+    for call, m in zip(rl_tasks.SHAPER_CALLS, metrics):
+        assert call["size"] == m["batch/samples_trained"] and call["groups"] == m["batch/groups_trained"]
+        assert call["scorable"].dtype == torch.bool and call["scorable"].shape == (call["size"],)
