@@ -82,3 +82,15 @@ def test_refusal_is_one_line():
                                                "my.jsonl (columns: question, solution). Fix: set "
                                                "data.answer_column=solution")
 
+
+def test_data_error_is_one_line_before_any_model_loads(tmp_path):
+    data = tmp_path / "qs.jsonl"
+    data.write_text('{"question": "1+1?", "solution": "2"}\n')
+    not_a_model = tmp_path / "model"  # passes validation, fails any tokenizer or model load
+    not_a_model.mkdir()
+    (not_a_model / "config.json").write_text("{}")
+    result = _cli(f"model.path={not_a_model}", "data=file", f"data.source={data}", f"logging.output_dir={tmp_path}")
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("rlkit: bad config/data: data.answer_column: ") and "solution" in last and "Fix: " in last
