@@ -64,14 +64,17 @@ class _GuardedConnection:
         super().connection_lost(exc)
 
     def shutdown(self) -> None:
-        if self._waiting_on_client():
-            self._close(503, "the service is shutting down")
+        if self._reading_body():
+            self._close(503, "the service is shutting down")  # a body that may never come
         else:
-            super().shutdown()  # the request is being answered: close after it
+            super().shutdown()  # idle: closed now; being answered: closed after the answer
+
+    def _reading_body(self) -> bool:
+        cycle = self.cycle
+        return cycle is not None and not cycle.response_complete and cycle.more_body
 
     def _waiting_on_client(self) -> bool:
-        cycle = self.cycle
-        return cycle is None or cycle.response_complete or cycle.more_body
+        return self.cycle is None or self.cycle.response_complete or self._reading_body()
 
     def _arm(self) -> None:
         if self._timer is not None:
@@ -84,7 +87,10 @@ class _GuardedConnection:
             self._close(408, f"no complete request within {self.read_timeout_s:g} s (--read-timeout-s)")
 
     def _make_room(self) -> None:
-        waiting = [c for c in self.connections if c is not self and c._waiting_on_client()]
+        still_open = [c for c in self.connections if not c.transport.is_closing()]  # closed ones leave next tick
+        if len(still_open) <= self.max_connections:
+            return
+        waiting = [c for c in still_open if c is not self and c._waiting_on_client()]
         if not waiting:
             self._close(503, f"all {self.max_connections} connections are busy (--max-connections)")
             return
@@ -94,9 +100,8 @@ class _GuardedConnection:
 
     def _close(self, status: int, reason: str) -> None:
         """Close the connection with one log line: the app's (which sees a disconnect) while it reads a body."""
-        cycle = self.cycle
-        if cycle is not None and not cycle.response_complete and cycle.more_body:
-            cycle.scope[CLOSED_BY_SERVER] = (status, reason)
+        if self._reading_body():
+            self.cycle.scope[CLOSED_BY_SERVER] = (status, reason)
         else:
             peer = "%s:%d" % self.client if self.client else "unknown client"
             log.info("closed connection from %s: %s", peer, reason)
