@@ -127,16 +127,15 @@ def run(cfg: DictConfig) -> None:
     from rlkit.data import DataError
 
     logging.getLogger("rlkit").setLevel(logging.INFO)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         validate(cfg)
+        from rlkit.trainer.trainer import Trainer
+
+        Trainer(cfg).fit()  # may refuse too: data (loaded first), eval benchmarks
     except ConfigError as err:
         print(refusal("bad config", err), file=sys.stderr)
         sys.exit(2)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from rlkit.trainer.trainer import Trainer
-
-    try:
-        Trainer(cfg).fit()
     except DataError as err:
         print(refusal("bad config/data", err), file=sys.stderr)
         sys.exit(2)
