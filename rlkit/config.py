@@ -119,6 +119,11 @@ def validate(cfg: DictConfig) -> None:
              f"generator options apply only to the arithmetic source, not {cfg.data.source}",
              "load a file or HF dataset with data=file data.source=PATH_OR_NAME (data.prompt_column=..., "
              "data.answer_column=...)")
+    _require(t.eval_every >= 0, "trainer.eval_every", "must be >= 0", "set 0 to turn periodic eval off")
+    if t.eval_every:
+        from rlkit.eval import eval_settings
+
+        eval_settings(cfg)
     _check_model_path(cfg.model.path)
 
 

@@ -80,3 +80,15 @@ def test_shaper_sees_the_whole_joined_batch_after_resampling(tmp_path, tiny_mode
     for call, m in zip(rl_tasks.SHAPER_CALLS, metrics):
         assert call["size"] == m["batch/samples_trained"] and call["groups"] == m["batch/groups_trained"]
         assert call["scorable"].dtype == torch.bool and call["scorable"].shape == (call["size"],)
+
+
+def test_periodic_eval_at_step_zero_and_every_n_steps_survives_resume(tmp_path, tiny_model_dir):
+    common = ["reward.verifier=rl_tasks:contains_seven", "trainer.eval_every=2", "eval.suite.arithmetic.limit=4",
+              "eval.max_tokens=8", "trainer.save_every=2"]
+    first = run(tmp_path, tiny_model_dir, "evals", *common, "trainer.total_steps=3")
+    assert [m["step"] for m in first] == [0, 1, 2, 3]
+    assert [("eval/arithmetic/pass@1" in m) for m in first] == [True, False, True, False]
+    assert all(0 <= m["eval/arithmetic/pass@1"] <= 1 and m["time/eval"] > 0 for m in first if "time/eval" in m)
+    resumed = run(tmp_path, tiny_model_dir, "evals", *common, "trainer.total_steps=4", "trainer.resume=auto")
+    assert [m["step"] for m in resumed] == [0, 1, 2, 3, 4]
+    assert [("eval/arithmetic/pass@1" in m) for m in resumed] == [True, False, True, False, True]

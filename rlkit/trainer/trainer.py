@@ -19,6 +19,8 @@ from rlkit.algorithms.plugins import TokenMaskInputs
 from rlkit.batch import RolloutBatch
 from rlkit.config import build_plugins, spec_at
 from rlkit.data import PromptStream, build_prompt, load_rows
+from rlkit.eval import Evaluator
+from rlkit.logs import route_library_logs
 from rlkit.reward.scorer import make_scorer
 from rlkit.rollout import SamplingConfig, make_engine
 from rlkit.sampling import Collected, SamplerContext, collect
@@ -42,6 +44,7 @@ class Trainer:
         set_seed(cfg.seed)
         self.run_dir = Path(cfg.logging.output_dir) / cfg.logging.run_name
         self.stream = PromptStream(_load_data(cfg), cfg.trainer.prompts_per_step, seed=cfg.seed)  # data errors first
+        route_library_logs(self.run_dir)  # vLLM's per-step chatter to <run>/train.log, not the console
         self.plugins = build_plugins(cfg)
         needs_reference = cfg.algorithm.loss.kl_coef > 0 or any(p.capabilities.needs_reference for p in self.plugins.values())
         self.tokenizer, self.model, self.ref_model, self.optimizer, self.scheduler = load_policy(
@@ -49,6 +52,7 @@ class Trainer:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         self.scorer = make_scorer(spec_at(cfg, "reward.verifier"), OmegaConf.to_container(cfg.reward, resolve=True))
         self.engine = make_engine(spec_at(cfg, "rollout.engine"), cfg.model.path, cfg.rollout.dtype or cfg.model.dtype)
+        self.evaluator = Evaluator(cfg, self.tokenizer, self.engine, self.scorer) if cfg.trainer.eval_every else None
         self.step, self.next_group_id = 0, 0
         self._resume()
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -63,6 +67,8 @@ class Trainer:
         t = self.cfg.trainer
         bar = tqdm(total=t.total_steps, initial=self.step, disable=not self.cfg.logging.progress_bar, desc="rlkit")
         try:
+            if self.step == 0 and self.evaluator is not None:
+                self.metrics.log(0, self.evaluate())  # the initial policy, before any update
             while self.step < t.total_steps:
                 metrics = self.train_step()
                 bar.update(1)
@@ -98,6 +104,8 @@ class Trainer:
         timer = {"generate": collected.generate_s, "reward": collected.reward_s, "train": train_s,
                  "weight_push": push_s, "step": time.perf_counter() - start}
         metrics.update(step_metrics(timer, metrics, lr=self.scheduler.get_last_lr()[0], rounds=collected.rounds))
+        if self.evaluator is not None and self.step % self.cfg.trainer.eval_every == 0:
+            metrics.update(self.evaluate())  # outside time/step
         self.metrics.log(self.step, metrics)
         self.metrics.log_samples(self.step, batch, self.cfg.logging.samples_per_step)
         return metrics
@@ -117,6 +125,13 @@ class Trainer:
                             max_rounds=a.max_sample_rounds, first_group_id=self.next_group_id, pad_id=self.pad_id)
         self.next_group_id = collected.next_group_id
         return collected
+
+    def evaluate(self) -> dict[str, float]:
+        """eval/<benchmark>/<metric> of the current policy (weights already pushed), and time/eval."""
+        tick = time.perf_counter()
+        metrics = self.evaluator.run()
+        metrics["time/eval"] = time.perf_counter() - tick
+        return metrics
 
     def score(self, batch: RolloutBatch) -> None:
         """Fill rewards [B] (0 where unscorable), correct [B], scorable [B] and extracted from the verifier."""
