@@ -28,6 +28,15 @@ def test_help_lists_groups_recipes_examples_and_run_directory():
     assert "--cfg job" in text and "docs" in text and "--hydra-help" in text
 
 
+def test_every_choice_and_recipe_is_described():
+    text = help_text()
+    start, end = text.index("Config groups"), text.index("Examples")
+    entries = [line.split(maxsplit=2) for line in text[start:end].splitlines() if line.startswith("  ")]
+    assert len(entries) >= 10
+    undescribed = [e[0] for e in entries if len(e) < 2 or (e[1] == "*" and len(e) < 3)]
+    assert not undescribed, f"give these files a first comment line: {undescribed}"
+
+
 def test_help_loads_no_model_code():
     code = ("import sys; sys.argv = ['rlkit.train', '-h']; from rlkit.train import main; main(); "
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules")
