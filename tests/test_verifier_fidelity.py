@@ -122,6 +122,8 @@ def test_multiple_choice_letters_with_the_string_target(reference, response, exp
 def test_multiple_choice_choices_are_an_option():
     assert score_one("math", "The answer is E.", "E", {"targets": "string", "strings": ["A", "B", "C", "D", "E"]}).correct
     assert score_one("math", "The answer is E.", "E", {"targets": "string"}).error == "bad_reference"
+    empty = score_one("math", "The answer is A.", "A", {"targets": "string", "strings": []})
+    assert empty.reward is None and "options.strings: [] has no choice" in empty.error  # unscorable, not a silent 0
 
 
 def test_comparison_options_reach_math_verify():

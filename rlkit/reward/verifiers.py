@@ -248,6 +248,9 @@ MathTargets = Literal["latex+expr", "latex", "expr", "string"]
 @functools.lru_cache(maxsize=16)
 def _extraction_config(targets: MathTargets, strings: tuple[str, ...]) -> tuple:
     """math-verify's extraction targets for the ``targets`` option (cached: the configs key its regex caches)."""
+    if targets == "string" and (not strings or not all(choice.strip() for choice in strings)):
+        raise ValueError(f"options.strings: {list(strings)} has no choice or a blank one. "
+                         f"Fix: list the answer choices, e.g. [A, B, C, D]")
     mv = load_math_verify()
     configs = {
         "latex": (mv.LatexExtractionConfig(),),
@@ -263,10 +266,15 @@ def _as_math_text(answer: str, targets: MathTargets) -> str:
     return f"${answer}$" if targets.startswith("latex") else answer
 
 
+def _parse(text: str, config: tuple) -> list:
+    """math-verify's parse of ``text``: the values it extracts, each followed by its text, or []."""
+    return load_math_verify().parse(text, list(config), parsing_timeout=None, raise_on_error=True)
+
+
 @functools.lru_cache(maxsize=4096)
-def _parse_cached(text: str, config: tuple) -> tuple:
-    """math-verify's parse of a reference (cached: a group's n samples share one reference)."""
-    return tuple(load_math_verify().parse(text, list(config), parsing_timeout=None, raise_on_error=True))
+def _parse_reference(text: str, config: tuple) -> tuple:
+    """`_parse` of a reference, cached: a group's n samples share one reference."""
+    return tuple(_parse(text, config))
 
 
 def _printed(parsed: list) -> str | None:
@@ -331,14 +339,12 @@ def math_verifier(
     """
     config = _extraction_config(targets, tuple(strings))
     gold_text = reference_answer(reference)
-    gold = _parse_cached(_as_math_text(gold_text, targets), config) if gold_text else ()
+    gold = _parse_reference(_as_math_text(gold_text, targets), config) if gold_text else ()
     boxed = boxed_answer(response)
-    mv = load_math_verify()
     if boxed is not None:
-        extracted = boxed
-        pred = mv.parse(_as_math_text(boxed, targets), list(config), parsing_timeout=None, raise_on_error=True) if boxed else []
+        pred, extracted = (_parse(_as_math_text(boxed, targets), config) if boxed else []), boxed
     elif fallback_last_number:
-        pred = mv.parse(unescape_boxes(response), list(config), parsing_timeout=None, raise_on_error=True)
+        pred = _parse(unescape_boxes(response), config)
         extracted = _printed(pred)
     else:
         pred, extracted = [], None
