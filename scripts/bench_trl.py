@@ -213,7 +213,7 @@ def make_reward_func(verifier: str, options: dict):
 
 
 def configure_trl_vllm_env() -> None:
-    """What rlkit's VLLMEngine sets for itself, for TRL's colocated engine (DESIGN.md §7)."""
+    """What rlkit's VLLMEngine sets for itself, for TRL's colocated engine (docs/benchmarks.md)."""
     import torch
 
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")

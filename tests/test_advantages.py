@@ -1,4 +1,4 @@
-"""Group advantage estimators: ALGORITHMS.md §1(c,d) numbers, rlkit edge-case decisions, and a slow reference."""
+"""Group advantage estimators: docs/algorithms.md worked numbers, rlkit edge-case decisions, and a slow reference."""
 import math
 
 import pytest
@@ -25,7 +25,7 @@ def per_sample(name, rewards, group_ids, **options):
     return compute_advantages(name, rewards, group_ids, torch.ones(len(rewards), 1), **options)[:, 0]
 
 
-# ---------------------------------------------------------------- worked numbers (ALGORITHMS.md §1(d))
+# ---------------------------------------------------------------- worked numbers (docs/algorithms.md, "GRPO")
 
 
 def test_grpo_worked_example_uses_unbiased_std():

@@ -1,4 +1,4 @@
-"""Policy loss and aggregation: ALGORITHMS.md §1(d) numbers, dual clip, KL, entropy, micro-batch invariance."""
+"""Policy loss and aggregation: docs/algorithms.md worked numbers, dual clip, KL, entropy, micro-batch invariance."""
 import math
 
 import pytest
@@ -100,7 +100,7 @@ def test_batch_without_tokens_gives_zero_loss():
         assert loss.item() == 0.0 and metrics["tokens"].item() == 0.0 and metrics["ratio_max"].item() == 0.0
 
 
-# ---------------------------------------------------------------- clip numbers (ALGORITHMS.md §1(d))
+# ---------------------------------------------------------------- clip numbers (docs/algorithms.md, "Policy loss")
 
 
 def test_clip_worked_numbers():

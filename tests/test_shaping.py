@@ -1,4 +1,4 @@
-"""Reward shapers: identity and DAPO overlong shaping (ALGORITHMS.md §1(d) numbers)."""
+"""Reward shapers: identity and DAPO overlong shaping (docs/algorithms.md worked numbers)."""
 import pytest
 import torch
 

@@ -70,6 +70,7 @@ class VLLMEngine:
         self.llm.init_weight_transfer_engine({"init_info": {}})
         self._version = 0
         self._sleeping = False
+        self._sleep_mode = enable_sleep_mode and torch.cuda.is_available()
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[Completion]:
         from vllm import SamplingParams
@@ -111,7 +112,8 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
 
     def sleep(self) -> None:
-        if torch.cuda.is_available() and not self._sleeping:
+        """Frees vLLM's weights and KV cache (GPU with rollout.engine.options.enable_sleep_mode; else nothing)."""
+        if self._sleep_mode and not self._sleeping:
             self.llm.sleep(level=1)
             self._sleeping = True
 
