@@ -8,7 +8,8 @@ A plug point is a `Registry` of named implementations. A config names one as a b
   the arguments the caller fills in and never options), or
 - a class whose ``__init__`` keywords are its options; its instances are called like the
   function and may hold state: ``state_dict()``/``load_state_dict(state)`` (saved in
-  checkpoints) and ``after_optimizer_step()`` (called after every optimizer step).
+  checkpoints), ``after_optimizer_step()`` (called after every optimizer step) and ``step_metrics()``
+  (a dict of floats logged with the step's metrics, e.g. ``{"capo/rejected_frac": 0.07}``).
 
 What a plug-in needs from the rest of the run is declared on it (`Capabilities`), never
 inferred from its name. User code plugs in by import path, ``"my_pkg.my_mod:my_fn"``.
@@ -108,6 +109,11 @@ class Plugin:
         hook = getattr(self.impl, "after_optimizer_step", None)
         if hook is not None:
             hook()
+
+    def step_metrics(self) -> dict[str, float]:
+        """What a class plug-in reports about the step just taken (e.g. a mask's rejected fraction), then resets."""
+        report = getattr(self.impl, "step_metrics", None)
+        return report() if report is not None else {}
 
 
 class Registry(Generic[T]):

@@ -35,6 +35,9 @@ class StepCounter:
     def after_optimizer_step(self) -> None:
         self.steps += 1
 
+    def step_metrics(self) -> dict[str, float]:
+        return {"counter/steps": float(self.steps)}
+
     def state_dict(self) -> dict:
         return {"steps": self.steps}
 

@@ -55,9 +55,10 @@ def test_registry_option_checks_name_the_plugin_and_its_options():
 def test_stateful_token_mask_survives_resume_with_command_line_options(tmp_path, tiny_model_dir):
     common = ["trainer.total_steps=4", "reward.verifier=rl_tasks:contains_seven",
               "algorithm.token_mask.name=rl_tasks:StepCounter", "+algorithm.token_mask.options.start=10"]
-    run(tmp_path, tiny_model_dir, "straight", *common, "trainer.save_every=0")
+    straight = run(tmp_path, tiny_model_dir, "straight", *common, "trainer.save_every=0")
     run(tmp_path, tiny_model_dir, "split", *common, "trainer.save_every=2", "trainer.total_steps=2")
-    run(tmp_path, tiny_model_dir, "split", *common, "trainer.save_every=2", "trainer.resume=auto")
+    resumed = run(tmp_path, tiny_model_dir, "split", *common, "trainer.save_every=2", "trainer.resume=auto")
+    assert [m["counter/steps"] for m in straight] == [m["counter/steps"] for m in resumed] == [11, 12, 13, 14]
     for name in ("straight", "split"):
         blob = torch.load(tmp_path / name / "checkpoints" / "step_4" / "optim.pt", weights_only=False)
         assert blob["plugins"]["algorithm.token_mask"] == {"steps": 14}  # 10 + one per optimizer step

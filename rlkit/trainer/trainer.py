@@ -104,6 +104,8 @@ class Trainer:
         timer = {"generate": collected.generate_s, "reward": collected.reward_s, "train": train_s,
                  "weight_push": push_s, "step": time.perf_counter() - start}
         metrics.update(step_metrics(timer, metrics, lr=self.scheduler.get_last_lr()[0], rounds=collected.rounds))
+        for plugin in self.plugins.values():
+            metrics.update(plugin.step_metrics())
         if self.evaluator is not None and self.step % self.cfg.trainer.eval_every == 0:
             metrics.update(self.evaluate())  # outside time/step
         self.metrics.log(self.step, metrics)
