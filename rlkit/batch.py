@@ -17,6 +17,10 @@ class RolloutBatch:
     truncated: [B] bool, the response hit max_tokens.
     rows: [B] dataset rows ({"question", "answer", "meta"}). texts: [B] decoded responses.
     Filled by later stages: rewards/correct/scorable [B] (verifier, shaper), advantages [B,T] (estimator).
+    off_context: [B] bool or None; True where the response was sampled under another context than
+        `prompt_ids` (e.g. a refinement sampled after a critique but trained as an answer to the question):
+        its behaviour logprobs are not the policy's logprobs in the trained context, so the trainer
+        recomputes its old logprobs and leaves it out of the engine-vs-trainer logprob gap.
     estimator_inputs: extra keyword tensors for the advantage estimator, e.g. FR3E's state ids [B].
     extras: other per-sample tensors a method adds ([B] or [B,T], e.g. `is_refinement`).
     """
@@ -35,6 +39,7 @@ class RolloutBatch:
     scorable: torch.Tensor | None = None
     extracted: list[str | None] | None = None
     advantages: torch.Tensor | None = None
+    off_context: torch.Tensor | None = None
     estimator_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -69,8 +74,10 @@ class RolloutBatch:
             values = [getattr(b, f.name) for b in batches]
             if isinstance(values[0], dict):
                 merged[f.name] = {k: _cat([v[k] for v in values], width, 0) for k in values[0]}
-            elif values[0] is None:
+            elif all(v is None for v in values):
                 merged[f.name] = None
+            elif any(v is None for v in values):
+                raise ValueError(f"RolloutBatch.concat: {f.name} is set on some batches and None on others")
             elif isinstance(values[0], list):
                 merged[f.name] = [item for v in values for item in v]
             else:

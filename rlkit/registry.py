@@ -31,11 +31,14 @@ class Capabilities:
     needs_groups: compares samples within a group, so ``rollout.n >= 2``.
     needs_hidden: reads the final hidden states of the trainer's forward (token masks).
     needs_reference: reads logprobs of the frozen initial policy (a reference model is loaded).
+    needs_on_policy: assumes exactly on-policy updates (one optimizer step per rollout batch, no KL):
+        validation refuses other settings unless ``algorithm.allow_off_policy=true``.
     """
 
     needs_groups: bool = False
     needs_hidden: bool = False
     needs_reference: bool = False
+    needs_on_policy: bool = False
 
 
 def declare(**capabilities: bool) -> Callable[[T], T]:

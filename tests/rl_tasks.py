@@ -66,3 +66,19 @@ def seven_if_even_answer(response: str, reference: str) -> Score:
     and DAPO's dynamic sampling must resample."""
     correct = int(reference) % 2 == 0 and "7" in response
     return Score(1.0 if correct else 0.0, correct, response[-8:], None)
+
+
+def off_context_sampler(rows, ctx, *, first_group_id):
+    """Groups as usual, but odd samples claim another sampling context, with behaviour logprobs that are off."""
+    batch = sample_groups(rows, ctx, first_group_id=first_group_id)
+    batch.off_context = torch.arange(len(batch)) % 2 == 1
+    batch.behavior_logprobs[batch.off_context] -= 3.0
+    return batch
+
+
+@declare(needs_groups=True, needs_on_policy=True)
+def on_policy_estimator(rewards, group_ids, response_mask, *, scorable=None):
+    """Dr. GRPO's advantage, declared as needing exactly on-policy updates."""
+    from rlkit.algorithms import compute_advantages
+
+    return compute_advantages("dr_grpo", rewards, group_ids, response_mask, scorable=scorable)

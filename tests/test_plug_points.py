@@ -93,3 +93,23 @@ def test_periodic_eval_at_step_zero_and_every_n_steps_survives_resume(tmp_path, 
     resumed = run(tmp_path, tiny_model_dir, "evals", *common, "trainer.total_steps=4", "trainer.resume=auto")
     assert [m["step"] for m in resumed] == [0, 1, 2, 3, 4]
     assert [("eval/arithmetic/pass@1" in m) for m in resumed] == [True, False, True, False, True]
+
+
+def test_off_context_samples_get_recomputed_old_logprobs(tmp_path, tiny_model_dir):
+    metrics = run(tmp_path, tiny_model_dir, "offctx", "trainer.total_steps=1", "reward.verifier=rl_tasks:contains_seven",
+                  "algorithm.sampler=rl_tasks:off_context_sampler")
+    assert metrics[0]["rollout/logprob_gap_max"] < 1e-4  # off-context rows are left out of the gap
+    assert metrics[0]["actor/ratio_max"] == pytest.approx(1.0, abs=1e-3)  # their old logprobs were recomputed
+
+
+@pytest.mark.parametrize("override, key", [("trainer.ppo_epochs=2", "trainer.ppo_epochs"),
+                                           ("trainer.mini_batches=2", "trainer.mini_batches"),
+                                           ("algorithm.loss.kl_coef=0.01", "algorithm.loss.kl_coef")])
+def test_needs_on_policy_refuses_off_policy_settings(tiny_model_dir, override, key):
+    from rlkit.config import ConfigError, compose, validate
+
+    base = [f"model.path={tiny_model_dir}", "algorithm.advantage=rl_tasks:on_policy_estimator"]
+    validate(compose(base))
+    with pytest.raises(ConfigError, match=rf"{key}: algorithm.advantage=rl_tasks:on_policy_estimator assumes"):
+        validate(compose([*base, override]))
+    validate(compose([*base, override, "algorithm.allow_off_policy=true"]))

@@ -7,7 +7,7 @@ make any number of groups per prompt, and may score mid-sampling through ``ctx.s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -15,13 +15,21 @@ from rlkit.batch import RolloutBatch
 from rlkit.registry import Registry
 from rlkit.rollout.base import Completion, RolloutEngine, SamplingConfig
 
+if TYPE_CHECKING:
+    from rlkit.trainer.logprobs import PolicyOutputs
+
 SAMPLERS: Registry = Registry("sampler", inputs=("rows", "ctx", "first_group_id"))
 
 
 @dataclass
 class SamplerContext:
-    """What a sampler may use. `score` fills rewards/correct/scorable of a batch in place,
-    for samplers that must see rewards while sampling (e.g. critique-guided refinement)."""
+    """What a sampler may use.
+
+    score(batch): fills rewards/correct/scorable/extracted of a batch in place, for samplers that must
+        see rewards while sampling (e.g. critique-guided refinement).
+    token_stats(batch): the current policy's logprobs and full-distribution entropies [B,T] of the batch's
+        responses (no grad, micro-batched, never [B,T,V]), e.g. to pick branch points by entropy.
+    """
 
     engine: RolloutEngine
     tokenizer: object
@@ -29,6 +37,7 @@ class SamplerContext:
     build_prompt: Callable[[dict], list[int]]
     score: Callable[[RolloutBatch], None]
     pad_id: int
+    token_stats: Callable[[RolloutBatch], "PolicyOutputs"] | None = None
 
 
 def batch_from_completions(
