@@ -113,3 +113,11 @@ def test_needs_on_policy_refuses_off_policy_settings(tiny_model_dir, override, k
     with pytest.raises(ConfigError, match=rf"{key}: algorithm.advantage=rl_tasks:on_policy_estimator assumes"):
         validate(compose([*base, override]))
     validate(compose([*base, override, "algorithm.allow_off_policy=true"]))
+
+
+def test_generated_token_budget_stops_the_run(tmp_path, tiny_model_dir):
+    metrics = run(tmp_path, tiny_model_dir, "budget", "trainer.total_steps=5", "reward.verifier=rl_tasks:contains_seven",
+                  "algorithm.sampler=rl_tasks:three_groups_per_prompt", "trainer.max_generated_tokens=100")
+    assert [m["step"] for m in metrics] == [1]  # 4 prompts x 3 groups x 4 samples exceed 100 tokens in one step
+    assert metrics[0]["rollout/generated_tokens"] == metrics[0]["response/tokens"] > 100
+    assert metrics[0]["rollout/generated_tokens_total"] == metrics[0]["rollout/generated_tokens"]

@@ -22,7 +22,9 @@ ROUND_SEED_STRIDE = 7919
 
 @dataclass
 class Collected:
-    """batch: what the step trains on (rewards shaped); seen: everything sampled, verifier rewards."""
+    """batch: what the step trains on (rewards shaped); seen: every sample returned, verifier rewards;
+    generated_tokens: every token the engine generated this step, including what a sampler did not return
+    (FR3E's base trajectories, Critique-GRPO's critiques): the budget that methods are compared at."""
 
     batch: RolloutBatch
     seen: RolloutBatch
@@ -30,6 +32,23 @@ class Collected:
     rounds: int
     generate_s: float
     reward_s: float
+    generated_tokens: int
+
+
+class CountingEngine:
+    """A rollout engine that counts the tokens it generates; everything else goes to the wrapped engine."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.tokens = 0
+
+    def generate(self, prompts, sampling):
+        completions = self.engine.generate(prompts, sampling)
+        self.tokens += sum(len(c.token_ids) for c in completions)
+        return completions
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
 
 
 def collect(
@@ -51,7 +70,8 @@ def collect(
     """
     kept, seen, drawn, group_id = [], [], 0, first_group_id
     generate_s = reward_s = 0.0
-    base_sampling = ctx.sampling
+    base_sampling, engine = ctx.sampling, ctx.engine
+    ctx.engine = counter = CountingEngine(engine)
     rounds = 0
     for rounds in range(1, max_rounds + 1):
         rows = next_rows()
@@ -71,14 +91,14 @@ def collect(
         kept.append(batch.select(group_filter(batch).nonzero()[:, 0]))
         if _prompt_count(kept) >= prompts:
             break
-    ctx.sampling = base_sampling
+    ctx.sampling, ctx.engine = base_sampling, engine
     batch = RolloutBatch.concat(kept, pad_id)
     first = batch.prompt_index.unique(sorted=True)[:prompts]
     batch = batch.select(torch.isin(batch.prompt_index, first).nonzero()[:, 0])
     tick = time.perf_counter()
     batch.rewards = shaper(batch.rewards, batch.correct, batch.lengths, batch.group_ids, scorable=batch.scorable)
     reward_s += time.perf_counter() - tick
-    return Collected(batch, RolloutBatch.concat(seen, pad_id), group_id, rounds, generate_s, reward_s)
+    return Collected(batch, RolloutBatch.concat(seen, pad_id), group_id, rounds, generate_s, reward_s, counter.tokens)
 
 
 def _round_seed(seed: int | None, round_index: int) -> int | None:
