@@ -1,0 +1,118 @@
+"""Compare methods at an equal budget of generated tokens, then evaluate each final policy.
+
+    python scripts/compare_methods.py --budget 12000 --methods grpo opo grpo_lambda --out runs/compare
+
+Each method is a training run (`python -m rlkit.train`) with the same seed, data and model, stopped by
+`trainer.max_generated_tokens` (every token the engine generated counts, also FR3E's base trajectories
+and Critique-GRPO's critiques); then `python -m rlkit.eval` on its final policy: greedy accuracy on the
+arithmetic test split and pass@1/pass@4/maj@4 at temperature 1. Writes <out>/summary.json and
+<out>/curves.png (reward, response length, entropy, rejected fraction against generated tokens).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# name -> training overrides (recipes and compositions of docs/methods.md)
+METHODS: dict[str, list[str]] = {
+    "grpo": ["+recipe=grpo"],
+    "opo": ["+recipe=opo"],
+    "grpo_lambda": ["+recipe=grpo_lambda"],
+    "capo": ["+recipe=capo"],
+    "fr3e": ["+recipe=fr3e"],
+    "critique_grpo": ["+recipe=critique_grpo"],
+}
+PANELS = (("reward/mean", "reward"), ("response/length_mean", "response length (tokens)"),
+          ("actor/entropy", "entropy (nats/token)"), ("capo/rejected_frac", "CAPO rejected fraction"))
+
+
+def _run(args: list[str], log: Path) -> float:
+    start = time.perf_counter()
+    with log.open("w") as f:
+        subprocess.run([sys.executable, *args], stdout=f, stderr=subprocess.STDOUT, check=True)
+    return time.perf_counter() - start
+
+
+def train(name: str, overrides: list[str], budget: int, seed: int, out: Path, extra: list[str]) -> float:
+    return _run(["-m", "rlkit.train", *overrides, f"seed={seed}", f"trainer.max_generated_tokens={budget}",
+                 "trainer.total_steps=100000", "trainer.save_every=0", "logging.progress_bar=false",
+                 f"logging.output_dir={out}", f"logging.run_name={name}", *extra], out / f"{name}.train.log")
+
+
+def evaluate(name: str, out: Path, limit: int) -> dict:
+    results = {}
+    for mode, overrides in (("greedy", ["eval.temperature=0", "eval.n=1", "eval.k=[1]"]),
+                            ("sampled", ["eval.temperature=1.0", "eval.n=4", "eval.k=[1,4]"])):
+        target = out / f"{name}.eval.{mode}"
+        _run(["-m", "rlkit.eval", f"model.path={out / name / 'final'}", "eval.benchmarks=[arithmetic]",
+              f"eval.suite.arithmetic.limit={limit}", f"eval.output_dir={target}", *overrides],
+             out / f"{name}.eval.{mode}.log")
+        results[mode] = json.loads((target / "eval.json").read_text())["metrics"]["arithmetic"]
+    return results
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+
+
+def plot(out: Path, names: list[str]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    for ax, (key, title) in zip(axes.flat, PANELS):
+        for name in names:
+            rows = [m for m in read_metrics(out / name) if key in m and "rollout/generated_tokens_total" in m]
+            if rows:
+                ax.plot([m["rollout/generated_tokens_total"] for m in rows], [m[key] for m in rows],
+                        marker=".", label=name)
+        ax.set_title(title)
+        ax.set_xlabel("generated tokens")
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend()
+    fig.tight_layout()
+    path = out / "curves.png"
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), help=f"any of {list(METHODS)}")
+    parser.add_argument("--budget", type=int, default=12000, help="generated tokens per run")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-limit", type=int, default=200, help="arithmetic test prompts")
+    parser.add_argument("--out", type=Path, default=Path("runs/compare"))
+    parser.add_argument("--extra", nargs="*", default=[], help="overrides added to every method's run")
+    parser.add_argument("--lr", action="append", default=[], metavar="NAME=LR",
+                        help="a run NAME@LR of method NAME at this learning rate (e.g. grpo=1e-4)")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    runs = {name: METHODS[name] for name in args.methods}
+    for spec in args.lr:
+        name, lr = spec.split("=")
+        runs[f"{name}@{lr}"] = [*METHODS[name], f"trainer.lr={lr}"]
+    summary_path = args.out / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    for name, overrides in runs.items():
+        seconds = train(name, overrides, args.budget, args.seed, args.out, args.extra)
+        metrics = read_metrics(args.out / name)
+        summary[name] = {"overrides": [*overrides, *args.extra], "budget": args.budget, "seed": args.seed,
+                         "train_seconds": seconds, "steps": metrics[-1]["step"],
+                         "generated_tokens": metrics[-1]["rollout/generated_tokens_total"],
+                         "reward_first2": sum(m["reward/mean"] for m in metrics[:2]) / min(2, len(metrics)),
+                         "reward_last3": sum(m["reward/mean"] for m in metrics[-3:]) / min(3, len(metrics)),
+                         "eval": evaluate(name, args.out, args.eval_limit)}
+        summary_path.write_text(json.dumps(summary, indent=1) + "\n")
+        print(name, json.dumps(summary[name]), flush=True)
+    print("plot:", plot(args.out, list(summary)))
+
+
+if __name__ == "__main__":
+    main()
