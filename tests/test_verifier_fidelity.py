@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, StringExtractionConfig, parse, verify
 
-from rlkit.reward import score_one
+from rlkit.reward import Score, score_one
 from rlkit.reward.extract import boxed_answer, gsm8k_answer
 
 logging.getLogger("math_verify").setLevel(logging.ERROR)
@@ -77,6 +77,8 @@ OWN_PAIRS = [
     ("3", "I think \\boxed{3}, or maybe \\boxed{4}", False),  # a hedge is not the answer
     ("4", "Wrong: \\boxed{3}. Recomputing the sum carefully from the start we get \\boxed{4}", True),
     ("4", "\\boxed{4} as shown; so the answer is $\\boxed{4}$", True),  # one answer boxed twice
+    ("30^\\circ", "$\\boxed{(-\\infty, -14)}$ or $\\boxed{30^\\circ}.$", False),  # hedges with units
+    ("33\\%", "$\\boxed{2150}$, $\\boxed{33\\%}$", False),
     # math without a box
     ("\\frac{1}{2}", "Therefore $x = \\frac{1}{2}$.", True),
     ("5", "The sides are 3 and 4, so the hypotenuse is $\\sqrt{3^2+4^2}$, which is 5.", True),
@@ -95,6 +97,29 @@ def test_math_matches_math_verify_on_reported_pairs(reference, response, expecte
     assert oracle(response, reference) is expected  # math-verify's verdict, as recorded
     score = score_one("math", response, reference)
     assert score.correct is expected and score.reward == float(expected) and score.error is None
+
+
+def test_hedge_that_math_verify_rewards_is_refused():
+    """math-verify parses the joined "\\frac{1}{2}, 25\\%" as 25 alone; rlkit parses each box (docs/verifiers.md)."""
+    response = "so it is $\\boxed{\\frac{1}{2}}$, or $\\boxed{25\\%}$"
+    assert oracle(response, "25\\%") is True
+    assert score_one("math", response, "25\\%") == Score(0.0, False, "\\frac{1}{2}, 25\\%", None)
+    assert score_one("math", response, "\\(\\boxed{\\frac12}\\) and \\(\\boxed{25\\%}\\)").reward == 1.0
+
+
+@pytest.mark.parametrize(
+    "reference, response, expected",
+    [
+        ("30^\\circ, 150^\\circ", "\\boxed{150^\\circ}", False),  # a partial answer to a list reference
+        ("30^\\circ, 150^\\circ", "\\boxed{150^\\circ, 30^\\circ}", True),
+        ("\\frac{1}{2}, 25\\%", "\\boxed{25\\%}", False),
+        ("\\frac{1}{2}, 25\\%", "$\\boxed{\\frac12}$ and $\\boxed{25\\%}$", True),
+        ("40,\\!000", "\\boxed{40000}", True),  # a digit group is not a list
+    ],
+)
+def test_list_answers_are_parsed_item_by_item(reference, response, expected):
+    """math-verify reads such a list whole as its last item (docs/verifiers.md); rlkit reads each item."""
+    assert score_one("math", response, reference).correct is expected
 
 
 def test_clock_reference_is_scorable_not_an_error():

@@ -15,6 +15,8 @@ from rlkit.reward.extract import (
     last_number,
     normalize_number,
     reference_answer,
+    reference_parts,
+    split_list,
     standalone_numbers,
     unescape_boxes,
     unwrap_math,
@@ -212,6 +214,33 @@ def test_unwrap_math(text, expected):
 )
 def test_reference_answer(text, expected):
     assert reference_answer(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("30^\\circ, 150^\\circ", ["30^\\circ", "150^\\circ"]),
+        ("k = 45; n = 2", ["k = 45", "n = 2"]),
+        ("(1, 2], [3, 4)", ["(1, 2]", "[3, 4)"]),  # commas inside brackets do not cut
+        ("\\{1, 2\\}", ["\\{1, 2\\}"]),
+        ("f(x, y)", ["f(x, y)"]),
+        ("1,000", ["1,000"]),  # a digit group, not a list
+        ("40,\\!000", ["40,\\!000"]),
+        ("1{,}000", ["1{,}000"]),
+        ("1, 2,", ["1", "2"]),
+        ("", []),
+    ],
+)
+def test_split_list(text, expected):
+    assert split_list(text) == expected
+
+
+def test_reference_parts_keep_each_box():
+    assert reference_parts("Hence $\\boxed{3}$ or $\\boxed{-5}$.") == ["3", "-5"]
+    assert reference_parts("\\boxed{} and \\boxed{2}") == ["2"]
+    assert reference_parts("1, 2, 3") == ["1, 2, 3"]  # a bare list is one part
+    assert reference_parts("#### 7") == ["7"]
+    assert reference_parts("$$") == ["$$"] and reference_parts("\\boxed{}") is None
 
 
 @pytest.mark.parametrize(

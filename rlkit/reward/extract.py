@@ -151,17 +151,48 @@ def unwrap_math(text: str) -> str:
     return inner.strip()
 
 
-def reference_answer(text: str) -> str | None:
-    """The answer a reference states, read the same way by every verifier and data loader.
+def reference_parts(text: str) -> list[str] | None:
+    """The answer a reference states, as its parts, read the same way by every verifier and data loader.
 
-    The final group of boxes if the reference has one (a full solution), else the GSM8K
-    ``####`` answer if it has that marker, else the reference itself without math delimiters
-    around it. ``None`` if that leaves nothing (``""``, ``"$$"``, ``"\\boxed{}"``, ``"#### "``).
+    The final group of boxes if the reference has one (a full solution: one part per box), else
+    the GSM8K ``####`` answer if it has that marker, else the reference itself without math
+    delimiters around it. Empty parts are dropped; ``None`` if nothing is left (``""``, ``"$$"``,
+    ``"\\boxed{}"``, ``"#### "``).
     """
-    answer = boxed_answer(text)
-    if answer is None:
-        answer = gsm8k_answer(text) if "####" in text else unwrap_math(text)
-    return answer or None
+    parts = final_boxes(text)
+    if parts is None:
+        parts = [gsm8k_answer(text) or ""] if "####" in text else [unwrap_math(text)]
+    parts = [part for part in parts if part]
+    return parts or None
+
+
+def reference_answer(text: str) -> str | None:
+    """`reference_parts` as one answer, joined by ``", "`` (what the data loaders store), or ``None``."""
+    parts = reference_parts(text)
+    return ", ".join(parts) if parts else None
+
+
+# After a comma between digits: the next digit group of a number ("1,000", "40,\!000"), not a list item.
+_DIGIT_GROUP = re.compile(r"(?:\\!)?\d")
+
+
+def split_list(text: str) -> list[str]:
+    """``text`` cut at its top-level commas and semicolons, parts stripped, empty ones dropped.
+
+    ``"30^\\circ, 150^\\circ"`` -> ``["30^\\circ", "150^\\circ"]``. A comma inside brackets or braces
+    (``(1, 2]``, ``\\{1, 2\\}``, ``f(x, y)``) or between digit groups (``1,000``, ``40,\\!000``) does not cut.
+    """
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth = max(0, depth - 1)
+        elif ch in ",;" and depth == 0 and not (text[i - 1 : i].isdigit() and _DIGIT_GROUP.match(text, i + 1)):
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return [part.strip() for part in parts if part.strip()]
 
 
 def standalone_numbers(text: str) -> list[str]:

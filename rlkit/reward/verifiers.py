@@ -24,10 +24,13 @@ from typing import Callable, Literal
 from rlkit.registry import Registry
 from rlkit.reward.extract import (
     boxed_answer,
+    final_boxes,
     gsm8k_answer,
     last_number,
     normalize_number,
     reference_answer,
+    reference_parts,
+    split_list,
     standalone_numbers,
     unescape_boxes,
 )
@@ -271,10 +274,44 @@ def _parse(text: str, config: tuple) -> list:
     return load_math_verify().parse(text, list(config), parsing_timeout=None, raise_on_error=True)
 
 
+def _parse_parts(parts: tuple[str, ...], targets: MathTargets, config: tuple) -> list:
+    """math-verify's parse of an answer given in parts (the boxes of one group), or [].
+
+    The parts, each cut at its top-level commas (`split_list`), become the set of their
+    values plus their joined text, as math-verify builds for ``\\boxed{1} and \\boxed{2}``.
+    Each piece is parsed alone because math-verify's parse of a comma list it cannot read
+    whole falls back to one element (``$\\frac{1}{2}, 25\\%$`` -> ``25``), which would reward
+    a partial answer or a hedge. One piece, or pieces without a value (a string target, text
+    it cannot parse): one part is parsed whole, several are compared by their joined text.
+    """
+    joined = ", ".join(parts)
+    pieces = [piece for part in parts for piece in split_list(part)]
+    if len(pieces) > 1:
+        values = []
+        for piece in pieces:
+            value = next((v for v in _parse(_as_math_text(piece, targets), config) if not isinstance(v, str)), None)
+            if value is None:
+                break
+            values.extend(value.args if isinstance(value, _finite_set()) else [value])
+        else:
+            try:
+                return [_finite_set()(*values), joined]
+            except Exception:  # values sympy cannot hold in a set (matrices): read as below
+                pass
+    return _parse(_as_math_text(joined, targets), config) if len(parts) == 1 else [joined]
+
+
+def _finite_set() -> type:
+    """math-verify's own set type (a sympy FiniteSet), imported with math-verify."""
+    from latex2sympy2_extended.sets import FiniteSet
+
+    return FiniteSet
+
+
 @functools.lru_cache(maxsize=4096)
-def _parse_reference(text: str, config: tuple) -> tuple:
-    """`_parse` of a reference, cached: a group's n samples share one reference."""
-    return tuple(_parse(text, config))
+def _parse_reference(parts: tuple[str, ...], targets: MathTargets, config: tuple) -> tuple:
+    """`_parse_parts` of a reference, cached: a group's n samples share one reference."""
+    return tuple(_parse_parts(parts, targets, config))
 
 
 def _printed(parsed: list) -> str | None:
@@ -320,11 +357,11 @@ def math_verifier(
 ) -> Score:
     """math-verify equivalence of the response's final answer with the reference.
 
-    Reference: read by `rlkit.reward.extract.reference_answer` (the final group of boxes of a
+    Reference: read by `rlkit.reward.extract.reference_parts` (the final group of boxes of a
     full solution, a ``####`` answer, or a bare answer with or without math delimiters), then
     parsed by math-verify; unscorable (``bad_reference``) only if nothing can be parsed.
-    Response: the final group of boxes (``\\boxed{1} and \\boxed{2}`` is the answer ``1, 2``;
-    a box that never closes does not count). Without a box, and if ``fallback_last_number``,
+    Response: the final group of boxes (``\\boxed{1} and \\boxed{2}`` is the set ``{1, 2}``,
+    extracted as ``"1, 2"``; a box that never closes does not count). Without a box, and if ``fallback_last_number``,
     math-verify's own extraction over the whole text: the last math span (``$...$``,
     ``\\(...\\)``, ``\\[...\\]``), an ``answer: ...`` phrase, or a number standing alone;
     with ``fallback_last_number=False`` only a boxed answer counts. ``extracted`` is the
@@ -338,11 +375,12 @@ def math_verifier(
         ``1 < x < 2`` may equal ``(1, 2)``).
     """
     config = _extraction_config(targets, tuple(strings))
-    gold_text = reference_answer(reference)
-    gold = _parse_reference(_as_math_text(gold_text, targets), config) if gold_text else ()
-    boxed = boxed_answer(response)
+    gold_parts = reference_parts(reference)
+    gold = _parse_reference(tuple(gold_parts), targets, config) if gold_parts else ()
+    boxed = final_boxes(response)
     if boxed is not None:
-        pred, extracted = (_parse(_as_math_text(boxed, targets), config) if boxed else []), boxed
+        parts = tuple(part for part in boxed if part)
+        pred, extracted = (_parse_parts(parts, targets, config) if parts else []), ", ".join(parts)
     elif fallback_last_number:
         pred = _parse(unescape_boxes(response), config)
         extracted = _printed(pred)
