@@ -8,6 +8,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from rlkit.algorithms.advantages import ADVANTAGES
+from rlkit.algorithms import critique as _critique  # noqa: F401  registers POLICY_LOSSES["critique"]
 from rlkit.algorithms.groups import zero_variance_groups
 from rlkit.algorithms.losses import AGGREGATIONS, aggregate, combine_loss, k3_kl, loss_normalizer, policy_loss, ppo_clip_surrogate
 from rlkit.algorithms.shaping import SHAPERS
