@@ -12,6 +12,7 @@ from rlkit.algorithms import critique as _critique  # noqa: F401  registers POLI
 from rlkit.algorithms.groups import zero_variance_groups
 from rlkit.algorithms.losses import AGGREGATIONS, aggregate, combine_loss, k3_kl, loss_normalizer, policy_loss, ppo_clip_surrogate
 from rlkit.algorithms.shaping import SHAPERS
+from rlkit.algorithms import opo as _opo  # noqa: F401  registers ADVANTAGES["opo"], ["opo_batch"]
 
 
 def compute_advantages(name: str, rewards: Tensor, group_ids: Tensor, response_mask: Tensor, **options) -> Tensor:
