@@ -9,6 +9,7 @@ from torch import Tensor
 
 from rlkit.algorithms.advantages import ADVANTAGES
 from rlkit.algorithms import critique as _critique  # noqa: F401  registers POLICY_LOSSES["critique"]
+from rlkit.algorithms import fr3e as _fr3e  # noqa: F401  registers ADVANTAGES["fr3e"]
 from rlkit.algorithms.groups import zero_variance_groups
 from rlkit.algorithms.losses import AGGREGATIONS, aggregate, combine_loss, k3_kl, loss_normalizer, policy_loss, ppo_clip_surrogate
 from rlkit.algorithms.shaping import SHAPERS
