@@ -8,6 +8,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from rlkit.algorithms.advantages import ADVANTAGES
+from rlkit.algorithms import capo as _capo  # noqa: F401  registers TOKEN_MASKS["capo"]
 from rlkit.algorithms import critique as _critique  # noqa: F401  registers POLICY_LOSSES["critique"]
 from rlkit.algorithms import fr3e as _fr3e  # noqa: F401  registers ADVANTAGES["fr3e"]
 from rlkit.algorithms.groups import zero_variance_groups

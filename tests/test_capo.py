@@ -1,0 +1,315 @@
+"""CAPO's curvature mask: the worked numbers, edge cases, a slow explicit reference, the Adam model's
+state, and the trainer's step with the mask (plain GRPO at infinite thresholds, split invariance,
+exact resume, the recipe and its compositions end to end)."""
+import math
+from contextlib import contextmanager
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rlkit.algorithms import aggregate, loss_normalizer, ppo_clip_surrogate
+from rlkit.algorithms.capo import (CapoMask, adam_curvature_shifts, curvature_keep, curvature_shifts,
+                                   topk_distribution)
+from rlkit.algorithms.plugins import TOKEN_MASKS, TokenMaskInputs
+from rlkit.registry import PluginSpec
+from rlkit.trainer.logprobs import policy_logprobs
+from test_logprobs import _gradients, trainer_and_batch  # noqa: F401  (module-scoped fixture: hf engine, tiny model)
+from test_trainer_e2e import run
+
+INF = math.inf
+
+
+# ---------------------------------------------------------------- worked numbers (docs/algorithms.md, CAPO)
+def _example(advantage: float, lr: float):
+    h = torch.tensor([[[1.0, 1.0]]], dtype=torch.float64)
+    probs = torch.tensor([[[0.5, 0.3, 0.2]]], dtype=torch.float64)
+    return curvature_shifts(h, probs, torch.tensor([[0]]), torch.tensor([[advantage]], dtype=torch.float64), lr)
+
+
+@pytest.mark.parametrize("advantage, lr, m_h, m_f, kept", [
+    (1.0, 0.1, 0.075976, 0.002888, False),
+    (1.0, 1e-3, 7.599976e-4, 2.888e-7, True),
+    (-1.0, 0.1, 0.076024, 0.002888, False),
+])
+def test_worked_example(advantage, lr, m_h, m_f, kept):
+    got_h, got_f = _example(advantage, lr)
+    assert got_h.item() == pytest.approx(m_h, rel=1e-9) and got_f.item() == pytest.approx(m_f, rel=1e-9)
+    assert curvature_keep(got_h, got_f, tau_h=0.01, tau_f=1e-4).item() is kept
+
+
+def test_zero_advantage_is_kept_and_one_sided_clipping_rejects_negative_shifts():
+    m_h, m_f = _example(0.0, 0.1)
+    assert m_h.item() == 0.0 and m_f.item() == 0.0
+    assert curvature_keep(m_h, m_f, 1e-12, 1e-12, symmetric=True) and curvature_keep(m_h, m_f, 1e-12, 1e-12, symmetric=False)
+    m_h = torch.tensor([-1e-3, 1e-3, 2e-2])
+    assert curvature_keep(m_h, torch.zeros(3), 0.01, 1e-4, symmetric=True).tolist() == [True, True, False]
+    assert curvature_keep(m_h, torch.zeros(3), 0.01, 1e-4, symmetric=False).tolist() == [False, True, False]
+
+
+def test_topk_distribution_renormalises_and_keeps_the_sampled_token():
+    gen = torch.Generator().manual_seed(0)
+    hidden, head = torch.randn(5, 4, generator=gen), torch.randn(12, 4, generator=gen)
+    logits = hidden @ head.T / 0.7
+    order = logits.argsort(-1, descending=True)
+    sampled = torch.stack([order[0, 1], order[1, 9], order[2, 0], order[3, 3], order[4, 11]])  # 2nd, 10th, ...
+    ids, probs, index = topk_distribution(hidden, head, sampled, k=4, temperature=0.7)
+    assert (ids.gather(-1, index[:, None])[:, 0] == sampled).all()
+    assert index.tolist() == [1, 3, 0, 3, 3]  # outside the top-4: in the last slot
+    assert ids[1, :3].tolist() == order[1, :3].tolist() and ids[0].tolist() == order[0, :4].tolist()
+    torch.testing.assert_close(probs, torch.softmax(logits.gather(-1, ids), -1))
+
+
+# ---------------------------------------------------------------- slow, explicit reference
+def _slow_token(h, probs, a, adv, lr, direction):
+    """One token with explicit loops: g = A v(x)h as a [k][d] table, G from `direction`, <g,G>, u = G h, F."""
+    k, d = len(probs), len(h)
+    v = [(1.0 if j == a else 0.0) - probs[j] for j in range(k)]
+    g = [[adv * v[j] * h[c] for c in range(d)] for j in range(k)]
+    big_g = [[direction(j, c, g[j][c]) for c in range(d)] for j in range(k)]
+    inner = sum(g[j][c] * big_g[j][c] for j in range(k) for c in range(d))
+    u = [sum(big_g[j][c] * h[c] for c in range(d)) for j in range(k)]
+    fisher = [[(probs[i] if i == j else 0.0) - probs[i] * probs[j] for j in range(k)] for i in range(k)]
+    vu = sum(v[j] * u[j] for j in range(k))
+    ufu = sum(u[i] * fisher[i][j] * u[j] for i in range(k) for j in range(k))
+    return lr * inner + 0.5 * lr**2 * adv * (vu**2 - ufu), 0.5 * lr**2 * vu**2
+
+
+def _random_tokens(seed, n, k, d):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    probs = torch.softmax(2 * torch.randn(n, k, generator=gen, dtype=torch.float64), -1)
+    index = torch.randint(0, k, (n,), generator=gen)
+    advantages = torch.randn(n, generator=gen, dtype=torch.float64)
+    advantages[::3] = 0.0
+    return gen, hidden, probs, index, advantages
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31), b=st.integers(1, 3), t=st.integers(1, 3), k=st.integers(2, 5),
+       d=st.integers(1, 4), lr=st.sampled_from([1e-3, 0.1, 1.0]))
+def test_sgd_shifts_match_the_explicit_loop(seed, b, t, k, d, lr):
+    _, hidden, probs, index, advantages = _random_tokens(seed, b * t, k, d)
+    m_h, m_f = curvature_shifts(hidden.view(b, t, d), probs.view(b, t, k), index.view(b, t), advantages.view(b, t), lr)
+    for i in range(b * t):
+        want_h, want_f = _slow_token(hidden[i].tolist(), probs[i].tolist(), index[i].item(), advantages[i].item(), lr,
+                                     lambda j, c, g: g)
+        assert m_h.view(-1)[i].item() == pytest.approx(want_h, rel=1e-9, abs=1e-15)
+        assert m_f.view(-1)[i].item() == pytest.approx(want_f, rel=1e-9, abs=1e-15)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31), n=st.integers(1, 5), k=st.integers(2, 4), d=st.integers(1, 4),
+       step=st.integers(1, 5), lr=st.sampled_from([1e-3, 0.1]))
+def test_adam_shifts_match_the_explicit_loop(seed, n, k, d, step, lr):
+    gen, hidden, probs, index, advantages = _random_tokens(seed, n, k, d)
+    first = torch.randn(n, k, d, generator=gen, dtype=torch.float64)
+    second = torch.rand(n, k, d, generator=gen, dtype=torch.float64)
+    betas, eps = (0.9, 0.99), 1e-8
+    m_h, m_f = adam_curvature_shifts(hidden, probs, index, advantages, lr, first_moment=first, second_moment=second,
+                                     step=step, betas=betas, eps=eps)
+    for i in range(n):
+        def adam(j, c, g):
+            m = (betas[0] * first[i, j, c].item() + (1 - betas[0]) * g) / (1 - betas[0] ** (step + 1))
+            v = (betas[1] * second[i, j, c].item() + (1 - betas[1]) * g * g) / (1 - betas[1] ** (step + 1))
+            return m / (math.sqrt(v) + eps)
+
+        want_h, want_f = _slow_token(hidden[i].tolist(), probs[i].tolist(), index[i].item(), advantages[i].item(), lr, adam)
+        assert m_h[i].item() == pytest.approx(want_h, rel=1e-9, abs=1e-15)
+        assert m_f[i].item() == pytest.approx(want_f, rel=1e-9, abs=1e-15)
+
+
+# ---------------------------------------------------------------- the plug-in on its own
+def _inputs(seed=0, lr=0.05, b=3, t=5, d=6, vocab=20):
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.ones(b, t)
+    mask[1, 3:] = 0
+    advantages = torch.randn(b, 1, generator=gen).expand(b, t) * mask
+    param = torch.nn.Parameter(torch.zeros(1))
+    return TokenMaskInputs(response_ids=torch.randint(0, vocab, (b, t), generator=gen), mask=mask, advantages=advantages,
+                           hidden=torch.randn(b, t, d, generator=gen) * mask[..., None],
+                           lm_head=torch.randn(vocab, d, generator=gen),
+                           optimizer=torch.optim.AdamW([param], betas=(0.8, 0.95), eps=1e-6), lr=lr)
+
+
+def _sgd_shifts(inputs, k):
+    sel = inputs.mask > 0
+    ids, probs, index = topk_distribution(inputs.hidden[sel], inputs.lm_head, inputs.response_ids[sel], k)
+    return (ids, probs, index), curvature_shifts(inputs.hidden[sel], probs, index, inputs.advantages[sel], inputs.lr)
+
+
+def test_mask_keeps_what_the_thresholds_keep_and_reports_rejections_by_sign():
+    inputs = _inputs()
+    _, (m_h, m_f) = _sgd_shifts(inputs, k=8)
+    tau_h = m_h.abs().median().item()
+    mask = CapoMask(direction="sgd", top_k=8, tau_h=tau_h, tau_f=INF)
+    keep = mask(inputs)
+    want = curvature_keep(m_h, m_f, tau_h, INF)
+    assert keep[inputs.mask > 0].bool().tolist() == want.tolist() and (keep[inputs.mask == 0] == 0).all()
+    adv = inputs.advantages[inputs.mask > 0]
+    metrics = mask.step_metrics()
+    assert metrics["capo/rejected_frac"] == pytest.approx((~want).float().mean().item())
+    assert metrics["capo/rejected_frac_pos"] == pytest.approx((~want[adv > 0]).float().mean().item())
+    assert metrics["capo/rejected_frac_neg"] == pytest.approx((~want[adv < 0]).float().mean().item())
+    assert 0 < metrics["capo/rejected_frac"] < 1
+    assert mask.step_metrics()["capo/rejected_frac"] == 0.0  # reset after each step
+
+
+def test_all_tokens_of_a_sequence_rejected_leave_the_sequence_mean():
+    """A sequence whose every token is rejected adds nothing to the loss, and rlkit's seq-mean-token-mean
+    normaliser counts only sequences with a kept token (the reference code still counts it, as a zero)."""
+    inputs = _inputs()
+    inputs.advantages = inputs.advantages.clone()
+    inputs.advantages[0] = 0.0  # row 0: A = 0, every token kept at any threshold
+    keep = CapoMask(direction="sgd", top_k=8, tau_h=1e-12, tau_f=1e-12)(inputs)
+    assert keep[0].tolist() == inputs.mask[0].tolist() and keep[1:].sum() == 0
+    per_token = torch.randn(keep.shape)
+    loss = aggregate(per_token, keep, "seq-mean-token-mean", loss_normalizer(keep, "seq-mean-token-mean"))
+    assert loss.item() == pytest.approx(per_token[0].mean().item())
+
+
+def test_adam_model_starts_with_sgd_then_steps_its_moments_with_the_kept_gradients():
+    inputs = _inputs()
+    (ids, probs, index), (m_h, m_f) = _sgd_shifts(inputs, k=5)
+    tau_h = m_h.abs().median().item()
+    sgd = CapoMask(direction="sgd", top_k=5, tau_h=tau_h, tau_f=INF)
+    adam = CapoMask(direction="adam", top_k=5, tau_h=tau_h, tau_f=INF)
+    assert torch.equal(adam(inputs), sgd(inputs))  # no moments yet: the SGD direction
+    adam.after_optimizer_step()
+    kept = curvature_keep(m_h, m_f, tau_h, INF)
+    assert 0 < kept.sum() < len(kept)
+    h, a = inputs.hidden[inputs.mask > 0], inputs.advantages[inputs.mask > 0]
+    sums, counts = {}, {}
+    for i in kept.nonzero()[:, 0].tolist():
+        for j in range(5):
+            row = ids[i, j].item()
+            grad = a[i] * ((1.0 if j == index[i] else 0.0) - probs[i, j]) * h[i]
+            sums[row] = sums.get(row, 0) + grad
+            counts[row] = counts.get(row, 0) + 1
+    assert adam.step == 1 and adam.rows.tolist() == sorted(sums)
+    mean = torch.stack([sums[r] / counts[r] for r in sorted(sums)])
+    torch.testing.assert_close(adam.first_moment, (1 - 0.8) * mean)
+    torch.testing.assert_close(adam.second_moment, (1 - 0.95) * mean**2)
+
+
+def test_adam_state_round_trips():
+    inputs, later = _inputs(seed=0), _inputs(seed=1)
+    first = CapoMask(top_k=5, tau_h=0.05)
+    for _ in range(2):
+        first(inputs)
+        first.after_optimizer_step()
+    second = CapoMask(top_k=5, tau_h=0.05)
+    second.load_state_dict(first.state_dict())
+    assert torch.equal(first(later), second(later))
+    first.after_optimizer_step(), second.after_optimizer_step()
+    for key, value in first.state_dict().items():
+        assert torch.equal(torch.as_tensor(value), torch.as_tensor(second.state_dict()[key])), key
+
+
+def test_options_are_checked():
+    with pytest.raises(ValueError, match=r"options.direction: 'rmsprop' .* Fix: one of \['adam', 'sgd'\]"):
+        CapoMask(direction="rmsprop")
+    with pytest.raises(ValueError, match="options.top_k: 1 leaves no curvature"):
+        CapoMask(top_k=1)
+    inputs = _inputs()
+    inputs.optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(ValueError, match="reads betas and eps from the optimizer.*Fix: .*direction=sgd"):
+        CapoMask()(inputs)
+
+
+# ---------------------------------------------------------------- the trainer's step with the mask
+@contextmanager
+def _token_mask(trainer, **options):
+    original = trainer.plugins["algorithm.token_mask"]
+    trainer.plugins["algorithm.token_mask"] = TOKEN_MASKS.build(PluginSpec("capo", options))
+    try:
+        yield trainer.plugins["algorithm.token_mask"]
+    finally:
+        trainer.plugins["algorithm.token_mask"] = original
+
+
+def test_infinite_thresholds_give_exactly_the_plain_grpo_step(trainer_and_batch):
+    trainer, batch = trainer_and_batch
+    trainer.cfg.algorithm.loss.agg = "seq-mean-token-mean"
+    plain = _gradients(trainer, batch, 4)
+    with _token_mask(trainer, tau_h=INF, tau_f=INF) as capo:
+        for _ in range(2):  # the SGD direction, then the Adam direction
+            for g_plain, g_capo in zip(plain, _gradients(trainer, batch, 4)):
+                assert torch.equal(g_plain, g_capo)
+        assert capo.impl.step == 2 and capo.step_metrics()["capo/rejected_frac"] == 0.0
+
+
+@pytest.mark.parametrize("direction", ["sgd", "adam"])
+def test_rejecting_step_is_split_invariant_and_equals_the_kept_token_loss(trainer_and_batch, direction):
+    trainer, batch = trainer_and_batch
+    trainer.cfg.algorithm.loss.agg = "seq-mean-token-mean"
+    model, temperature = trainer.model, trainer.cfg.rollout.temperature
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        out = policy_logprobs(model, batch.prompt_ids, batch.response_ids, batch.response_mask, pad_id=trainer.pad_id,
+                              temperature=temperature, return_hidden=True)
+    inputs = TokenMaskInputs(response_ids=batch.response_ids, mask=batch.response_mask, advantages=batch.advantages,
+                             hidden=out.hidden, lm_head=model.get_output_embeddings().weight,
+                             optimizer=trainer.optimizer, lr=trainer.scheduler.get_last_lr()[0])
+    _, (m_h, _) = _sgd_shifts(inputs, k=50)
+    with _token_mask(trainer, direction=direction, tau_h=m_h.abs().median().item(), tau_f=INF,
+                     temperature=temperature) as capo:
+        if direction == "adam":
+            _gradients(trainer, batch, len(batch))  # one step of the Adam model
+        state = capo.state_dict()
+        whole = _gradients(trainer, batch, len(batch))
+        for size in (1, 5):
+            capo.load_state_dict(state)
+            for g_whole, g_split in zip(whole, _gradients(trainer, batch, size)):
+                torch.testing.assert_close(g_split, g_whole, rtol=0, atol=1e-6)
+        capo.load_state_dict(state)
+        keep = capo(inputs)
+    kept = keep.sum() / batch.response_mask.sum()
+    assert 0.2 < kept < 0.9, kept
+
+    mask = batch.response_mask * keep
+    with torch.enable_grad():
+        logprobs = policy_logprobs(model, batch.prompt_ids, batch.response_ids, batch.response_mask,
+                                   pad_id=trainer.pad_id, temperature=temperature).logprobs
+        per_token, _ = ppo_clip_surrogate(logprobs, batch.behavior_logprobs, batch.advantages, mask)
+        aggregate(per_token, mask, "seq-mean-token-mean", loss_normalizer(mask, "seq-mean-token-mean")).backward()
+    for g_trainer, param in zip(whole, model.parameters()):
+        torch.testing.assert_close(g_trainer, param.grad, rtol=1e-4, atol=1e-6)
+    model.zero_grad(set_to_none=True)
+
+
+# ---------------------------------------------------------------- end to end (vLLM, tiny model)
+def test_capo_recipe_runs_three_steps(tmp_path, tiny_model_dir):
+    metrics = run(tmp_path, tiny_model_dir, "capo", "+recipe=capo", "trainer.total_steps=3", "rollout.n=4",
+                  "reward.verifier=rl_tasks:contains_seven")
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    for m in metrics:
+        assert m["rollout/logprob_gap_max"] < 1e-4
+        assert 0.0 <= m["capo/rejected_frac"] <= 1.0
+        assert {"capo/rejected_frac_pos", "capo/rejected_frac_neg"} <= m.keys()
+
+
+def test_adam_model_survives_resume_exactly(tmp_path, tiny_model_dir):
+    common = ["+recipe=capo", "rollout.n=4", "trainer.total_steps=4", "trainer.lr=1e-3",
+              "algorithm.token_mask.options.tau_h=0.5", "reward.verifier=rl_tasks:contains_seven"]
+    straight = run(tmp_path, tiny_model_dir, "straight", *common, "trainer.save_every=0")
+    run(tmp_path, tiny_model_dir, "split", *common, "trainer.save_every=2", "trainer.total_steps=2")
+    resumed = run(tmp_path, tiny_model_dir, "split", *common, "trainer.save_every=2", "trainer.resume=auto")
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
+    assert any(0 < m["capo/rejected_frac"] < 1 for m in straight)
+    for a, b in zip(straight, resumed):
+        for key, value in a.items():
+            if not key.startswith(("time/", "perf/")):
+                assert b[key] == pytest.approx(value, abs=1e-6), (a["step"], key)
+    for name in ("straight", "split"):
+        state = torch.load(tmp_path / name / "checkpoints" / "step_4" / "optim.pt", weights_only=False)
+        capo = state["plugins"]["algorithm.token_mask"]
+        assert capo["step"] == 4 and len(capo["rows"]) > 0
+
+
+@pytest.mark.parametrize("recipe", ["opo", "grpo_lambda"])
+def test_capo_composes_with(tmp_path, tiny_model_dir, recipe):
+    metrics = run(tmp_path, tiny_model_dir, recipe, f"+recipe={recipe}", "algorithm.token_mask=capo",
+                  "trainer.total_steps=3", "rollout.n=4", "reward.verifier=rl_tasks:contains_seven")
+    assert [m["step"] for m in metrics] == [1, 2, 3] and all("capo/rejected_frac" in m for m in metrics)
