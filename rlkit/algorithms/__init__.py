@@ -14,6 +14,8 @@ from rlkit.algorithms import fr3e as _fr3e  # noqa: F401  registers ADVANTAGES["
 from rlkit.algorithms.groups import zero_variance_groups
 from rlkit.algorithms.losses import AGGREGATIONS, aggregate, combine_loss, k3_kl, loss_normalizer, policy_loss, ppo_clip_surrogate
 from rlkit.algorithms.shaping import SHAPERS
+from rlkit.registry import PluginSpec
+from rlkit.algorithms import grpo_lambda as _grpo_lambda  # noqa: F401  registers SHAPERS["grpo_lambda"]
 from rlkit.algorithms import opo as _opo  # noqa: F401  registers ADVANTAGES["opo"], ["opo_batch"]
 
 
@@ -22,9 +24,13 @@ def compute_advantages(name: str, rewards: Tensor, group_ids: Tensor, response_m
     return ADVANTAGES.get(name)(rewards, group_ids, response_mask, **options)
 
 
-def shape_rewards(name: str, rewards: Tensor, correct: Tensor, lengths: Tensor, group_ids: Tensor, **options) -> Tensor:
-    """Run the shaper registered as `name`. rewards [B], correct [B] bool, lengths [B] long, group_ids [B] -> [B]."""
-    return SHAPERS.get(name)(rewards, correct, lengths, group_ids, **options)
+def shape_rewards(name: str, rewards: Tensor, correct: Tensor, lengths: Tensor, group_ids: Tensor, *,
+                  scorable: Tensor | None = None, **options) -> Tensor:
+    """Run the shaper registered as `name` (a class shaper is built with `options` first).
+
+    rewards [B], correct [B] bool, lengths [B] long, group_ids [B], scorable [B] bool or None -> [B].
+    """
+    return SHAPERS.build(PluginSpec(name, options))(rewards, correct, lengths, group_ids, scorable=scorable)
 
 
 __all__ = [
