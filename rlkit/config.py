@@ -1,7 +1,8 @@
 """Config resolvers, plug-in specs, and the one up-front validation of a composed config (docs/architecture.md)."""
 from __future__ import annotations
 
-import inspect
+import difflib
+import functools
 import os
 from pathlib import Path
 
@@ -28,12 +29,99 @@ def register_resolvers() -> None:
 
 
 def compose(overrides: list[str] = ()) -> DictConfig:
-    """The config `python -m rlkit.train OVERRIDES...` would run, for use from Python (tests, notebooks)."""
+    """The config `python -m rlkit.train OVERRIDES...` would run, for use from Python (tests, notebooks).
+
+    Inside a running `@hydra.main` app (the entry point), Hydra is already set up on CONFIG_DIR and is used as is.
+    """
     from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
 
     register_resolvers()
+    if GlobalHydra.instance().is_initialized():
+        return hydra_compose("config", overrides=list(overrides))
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
         return hydra_compose("config", overrides=list(overrides))
+
+
+@functools.lru_cache(maxsize=1)
+def default_config() -> dict:
+    """The config composed without overrides, interpolations as written (a plain dict; composed once)."""
+    return OmegaConf.to_container(compose(), resolve=False)
+
+
+def default_choices(config_dir: Path = Path(CONFIG_DIR)) -> dict[str, str]:
+    """{group: default choice} from the defaults list of config.yaml."""
+    choices = {}
+    for entry in OmegaConf.to_container(OmegaConf.load(config_dir / "config.yaml")).get("defaults", []):
+        if isinstance(entry, dict):
+            for group, choice in entry.items():
+                group = group.removeprefix("optional ").split("@")[0].strip()
+                if not group.startswith("override ") and isinstance(choice, str):
+                    choices[group] = choice
+    return choices
+
+
+# Groups that no default selects; a choice is added with +GROUP=NAME.
+OPTIONAL_GROUPS = ("recipe",)
+
+
+@functools.lru_cache(maxsize=2)
+def known_keys(every_choice: bool = False) -> frozenset[str]:
+    """Dotted paths of every node the config files define: of the default composition, or of the union over
+    every choice of every group and every recipe (slower: one composition each)."""
+    trees = [default_config()]
+    if every_choice:
+        root = Path(CONFIG_DIR)
+        choices = [f"{group}={f.stem}" for group, default in default_choices(root).items()
+                   for f in sorted((root / group).glob("*.yaml")) if f.stem != default]
+        choices += [f"+{group}={f.stem}" for group in OPTIONAL_GROUPS for f in sorted((root / group).glob("*.yaml"))]
+        trees += [OmegaConf.to_container(compose([choice]), resolve=False) for choice in choices]
+    return frozenset(path for tree in trees for path in _node_paths(tree))
+
+
+def _node_paths(tree: dict, prefix: str = "") -> list[str]:
+    paths = []
+    for key, value in tree.items():
+        paths.append(f"{prefix}{key}")
+        if isinstance(value, dict):
+            paths += _node_paths(value, f"{prefix}{key}.")
+    return paths
+
+
+# Subtrees whose keys the user chooses: plug-in and loader options (checked against the plug-in's signature
+# or by the loader) and the entries of eval.suite (+eval.suite.NAME={...} adds a benchmark).
+FREE_KEYS = "options"
+USER_ENTRIES = "eval.suite"
+
+
+def unknown_keys(tree: dict, known: frozenset[str], prefix: str = "") -> list[str]:
+    """Dotted paths in `tree` that no config file defines, outside the free-form subtrees (top-most only)."""
+    found = []
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if key == FREE_KEYS or (prefix == f"{USER_ENTRIES}." and path not in known):
+            continue
+        if path not in known:
+            found.append(path)
+        elif isinstance(value, dict):
+            found += unknown_keys(value, known, f"{path}.")
+    return found
+
+
+def _check_known_keys(cfg: DictConfig) -> None:
+    """Refuse keys no part of rlkit reads (a `+key=value` with a typo would otherwise be ignored)."""
+    tree = OmegaConf.to_container(cfg, resolve=False)
+    if not unknown_keys(tree, known_keys()):
+        return
+    unknown = unknown_keys(tree, known_keys(every_choice=True))  # a key of a non-default choice is fine
+    if not unknown:
+        return
+    key = unknown[0]
+    close = difflib.get_close_matches(key, sorted(known_keys(every_choice=True)), n=1, cutoff=0.6)
+    fix = (f"did you mean {close[0]}? Set {close[0]}=VALUE (a leading + adds a new key, which nothing reads)"
+           if close else "remove it; every key rlkit reads is commented in configs/ "
+                         "(python -m rlkit.train --cfg job prints them)")
+    raise ConfigError(f"{key}: no part of rlkit reads this key. Fix: {fix}")
 
 
 def _require(ok: bool, key: str, problem: str, fix: str) -> None:
@@ -78,6 +166,7 @@ def validate(cfg: DictConfig) -> None:
     from rlkit.rollout import ENGINES, engine_target
     from rlkit.reward.verifiers import VERIFIERS, check_options
 
+    _check_known_keys(cfg)
     a, r, t = cfg.algorithm, cfg.rollout, cfg.trainer
     group_users = []
     for key, registry in plug_points().items():

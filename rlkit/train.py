@@ -13,7 +13,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from rlkit.config import CONFIG_DIR, ConfigError, register_resolvers, validate
+from rlkit.config import CONFIG_DIR, ConfigError, default_choices, default_config, register_resolvers, validate
 
 register_resolvers()
 ROOT = Path(CONFIG_DIR).parent
@@ -42,18 +42,6 @@ def describe(path: Path) -> str:
         if text and not text.startswith("#"):
             break
     return ""
-
-
-def default_choices(config_dir: Path) -> dict[str, str]:
-    """{group: default choice} from the defaults list of config.yaml."""
-    choices = {}
-    for entry in OmegaConf.to_container(OmegaConf.load(config_dir / "config.yaml")).get("defaults", []):
-        if isinstance(entry, dict):
-            for group, choice in entry.items():
-                group = group.removeprefix("optional ").split("@")[0].strip()
-                if not group.startswith("override ") and isinstance(choice, str):
-                    choices[group] = choice
-    return choices
 
 
 def config_groups(config_dir: Path, defaults: dict[str, str]) -> dict[str, list[str]]:
@@ -124,21 +112,32 @@ def hydra_argv(argv: list[str]) -> list[str]:
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def run(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
     from rlkit.data import DataError
+    from rlkit.trainer.run_dir import continue_from_saved
 
     logging.getLogger("rlkit").setLevel(logging.INFO)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
+        # A resume runs the run's config.yaml with the command line's changes on top.
+        cfg = continue_from_saved(cfg, default_config(), list(HydraConfig.get().overrides.task))
         validate(cfg)
         from rlkit.trainer.trainer import Trainer
 
-        Trainer(cfg).fit()  # may refuse too: data (loaded first), eval benchmarks
+        trainer = Trainer(cfg)  # may refuse too: the run directory, data (loaded first), eval benchmarks
+        trainer.fit()
     except ConfigError as err:
         print(refusal("bad config", err), file=sys.stderr)
         sys.exit(2)
     except DataError as err:
         print(refusal("bad config/data", err), file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # before training started (fit() turns Ctrl-C into a checkpoint and a clean stop)
+        print("rlkit: interrupted before training started; nothing was trained", file=sys.stderr)
+        sys.exit(130)
+    if trainer.stopped_by is not None:
+        sys.exit(128 + trainer.stopped_by)
 
 
 def main() -> None:

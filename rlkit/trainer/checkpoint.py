@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
 import shutil
 import tempfile
@@ -11,22 +12,26 @@ import numpy as np
 import torch
 
 STATE_FILE = "trainer_state.json"
+TEMP_PREFIX = ".step_"  # step_N is written as .step_N.<random> and renamed when complete
+
+log = logging.getLogger("rlkit")
 
 
 def save_checkpoint(root: Path, step: int, *, model, tokenizer, optimizer, scheduler, state: dict,
                     plugin_state: dict, keep_last: int) -> Path:
     """Write step_N through a temp dir + rename, so a crash never leaves a half checkpoint; prune old ones.
 
+    optimizer: None leaves its state out (AdamW's is twice the model's size); a resume then restarts it.
     state: JSON-able trainer state; plugin_state: config key -> state_dict of each stateful plug-in.
     """
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step_{step}.", dir=root))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{step}.", dir=root))
     model.save_pretrained(tmp / "model", safe_serialization=True)
     tokenizer.save_pretrained(tmp / "model")
     torch.save(
         {
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
             "scheduler": scheduler.state_dict(),
             "rng": {
                 "torch": torch.get_rng_state(),
@@ -54,8 +59,19 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name.split("_")[1]))
 
 
+def remove_stale_temps(root: Path) -> list[Path]:
+    """Delete the temp dirs of checkpoints that were never completed (a crash or kill during a save)."""
+    stale = [p for p in root.glob(f"{TEMP_PREFIX}*") if p.is_dir()] if root.is_dir() else []
+    for path in stale:
+        shutil.rmtree(path)
+    return stale
+
+
 def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> tuple[dict, dict]:
-    """Restore model, optimizer, scheduler and RNG from `path`; return (trainer state, plug-in states)."""
+    """Restore model, optimizer, scheduler and RNG from `path`; return (trainer state, plug-in states).
+
+    A checkpoint saved without optimizer state leaves `optimizer` fresh, with a warning.
+    """
     from safetensors.torch import load_file
 
     weights = {}
@@ -66,7 +82,11 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> tuple[dict, d
     if set(missing) - tied or unexpected:
         raise RuntimeError(f"checkpoint {path} does not match the model: missing {missing}, unexpected {unexpected}")
     blob = torch.load(path / "optim.pt", weights_only=False)
-    optimizer.load_state_dict(blob["optimizer"])
+    if blob["optimizer"] is None:
+        log.warning("resume: %s holds no optimizer state (trainer.save_optimizer=false): AdamW's moments restart "
+                    "from zero, so the run does not continue exactly as an uninterrupted one", path)
+    else:
+        optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     torch.set_rng_state(blob["rng"]["torch"])
     random.setstate(blob["rng"]["python"])

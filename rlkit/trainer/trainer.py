@@ -6,6 +6,7 @@ what a plug-in needs (groups, hidden states, a reference model, saved state) it 
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -25,8 +26,10 @@ from rlkit.reward.scorer import make_scorer
 from rlkit.rollout import SamplingConfig, make_engine
 from rlkit.sampling import Collected, SamplerContext, collect
 from rlkit.trainer.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from rlkit.trainer.interrupt import StopRequest
 from rlkit.trainer.logprobs import policy_logprobs
 from rlkit.trainer.metrics import MetricsLogger, UpdateStats, rollout_metrics, step_metrics
+from rlkit.trainer.run_dir import CONFIG_FILE, check_run_dir, run_dir_of
 from rlkit.trainer.setup import load_policy
 
 log = logging.getLogger("rlkit")
@@ -40,9 +43,10 @@ SAMPLING_STEP_STRIDE = 10_007
 class Trainer:
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
+        check_run_dir(cfg)  # refuses to overwrite a run, or to resume with changes it cannot follow; loads nothing
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.trainer.mixed_precision)
         set_seed(cfg.seed)
-        self.run_dir = Path(cfg.logging.output_dir) / cfg.logging.run_name
+        self.run_dir = run_dir_of(cfg)
         self.stream = PromptStream(_load_data(cfg), cfg.trainer.prompts_per_step, seed=cfg.seed)  # data errors first
         route_library_logs(self.run_dir)  # vLLM's per-step chatter to <run>/train.log, not the console
         self.plugins = build_plugins(cfg)
@@ -54,34 +58,51 @@ class Trainer:
         self.engine = make_engine(spec_at(cfg, "rollout.engine"), cfg.model.path, cfg.rollout.dtype or cfg.model.dtype)
         self.evaluator = Evaluator(cfg, self.tokenizer, self.engine, self.scorer) if cfg.trainer.eval_every else None
         self.step, self.next_group_id = 0, 0
+        self.stopped_by: int | None = None  # the signal that ended fit() early, if any
         self._resume()
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        (self.run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg, resolve=True))  # what this run trains with
         self.metrics = MetricsLogger(self.run_dir, cfg.logging, resume_step=self.step,
                                      config_dict=OmegaConf.to_container(cfg, resolve=True))
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> None:
+        """Train to trainer.total_steps. A first SIGINT/SIGTERM ends the loop after the current step with a
+        checkpoint and the command that resumes (self.stopped_by holds the signal); a second exits at once."""
         from tqdm.auto import tqdm
 
         t = self.cfg.trainer
         bar = tqdm(total=t.total_steps, initial=self.step, disable=not self.cfg.logging.progress_bar, desc="rlkit")
         try:
-            if self.step == 0 and self.evaluator is not None:
-                self.metrics.log(0, self.evaluate())  # the initial policy, before any update
-            while self.step < t.total_steps:
-                metrics = self.train_step()
-                bar.update(1)
-                bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", len=f"{metrics['response/length_mean']:.0f}",
-                                s=f"{metrics['time/step']:.1f}")
-                if t.save_every and self.step % t.save_every == 0 and self.step < t.total_steps:
-                    self.save()
-            self.save()
-            if t.export_final:
+            with StopRequest() as stop:
+                if self.step == 0 and self.evaluator is not None:
+                    self.metrics.log(0, self.evaluate())  # the initial policy, before any update
+                while self.step < t.total_steps and not stop.requested:
+                    metrics = self.train_step()
+                    bar.update(1)
+                    bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}",
+                                    len=f"{metrics['response/length_mean']:.0f}", s=f"{metrics['time/step']:.1f}")
+                    periodic = t.save_every and self.step % t.save_every == 0
+                    if periodic and self.step < t.total_steps and not stop.requested:
+                        self.save()
+                path = self.save()
+                self.stopped_by = stop.signum if self.step < t.total_steps else None
+            if self.stopped_by is not None:
+                bar.close()
+                print(f"rlkit: stopped at step {self.step}/{t.total_steps}, checkpoint {path}. Resume: "
+                      f"{self.resume_command()}", file=sys.stderr, flush=True)
+            elif t.export_final:
                 self.export(self.run_dir / "final")
         finally:
             bar.close()
             self.close()
+
+    def resume_command(self) -> str:
+        """The command line that continues this run from its latest checkpoint (its saved config is the base)."""
+        where = f"logging.run_name={self.cfg.logging.run_name}"
+        if self.cfg.logging.output_dir != "runs":
+            where = f"logging.output_dir={self.cfg.logging.output_dir} {where}"
+        return f"python -m rlkit.train {where} trainer.resume=auto"
 
     def train_step(self) -> dict[str, float]:
         """One rollout batch and its policy update; returns the step's metrics."""
@@ -268,8 +289,9 @@ class Trainer:
         plugin_state = {key: p.state_dict() for key, p in self.plugins.items() if p.stateful}
         return save_checkpoint(self.run_dir / "checkpoints", self.step,
                                model=self.accelerator.unwrap_model(self.model), tokenizer=self.tokenizer,
-                               optimizer=self.optimizer, scheduler=self.scheduler, state=state,
-                               plugin_state=plugin_state, keep_last=self.cfg.trainer.keep_last)
+                               optimizer=self.optimizer if self.cfg.trainer.save_optimizer else None,
+                               scheduler=self.scheduler, state=state, plugin_state=plugin_state,
+                               keep_last=self.cfg.trainer.keep_last)
 
     def export(self, out: Path) -> None:
         self.accelerator.unwrap_model(self.model).save_pretrained(out, safe_serialization=True)
