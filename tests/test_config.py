@@ -105,3 +105,21 @@ def test_dataset_without_answer_column_lists_columns(tmp_path, tiny_model_dir):
 def test_arithmetic_options_refused_for_other_sources(tiny_model_dir):
     with pytest.raises(ConfigError, match="data=file"):
         validate(_cfg(tiny_model_dir, "data.source=my.jsonl"))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("+trainer.lrr=1", "trainer.lrr: no part of rlkit reads this key. Fix: did you mean trainer.lr? Set trainer.lr="),
+    ("+logging.wandb_projet=x", "logging.wandb_projet: no part of rlkit reads this key. Fix: did you mean "
+                                "logging.wandb_project?"),
+    ("+rollout.engine.optons={seed: 1}", "did you mean rollout.engine.options?"),
+    ("+zzz=1", "zzz: no part of rlkit reads this key. Fix: remove it"),
+])
+def test_keys_nothing_reads_are_refused_with_the_closest_known_key(tiny_model_dir, override, message):
+    with pytest.raises(ConfigError) as err:
+        validate(_cfg(tiny_model_dir, override))
+    assert message in str(err.value)
+
+
+def test_user_chosen_keys_are_not_refused(tiny_model_dir):
+    validate(_cfg(tiny_model_dir, "+eval.suite.mine={source: my.jsonl, split: test}",
+                  "+algorithm.advantage.options.eps=0.001", "+recipe=dapo", "data=math"))
