@@ -91,6 +91,11 @@ def test_group_ids_must_match_base_and_state():
                            base_ids=torch.zeros(4, dtype=torch.long), state_index=states)
 
 
+def test_estimator_without_branch_keys_names_the_sampler():
+    with pytest.raises(ValueError, match=r"base_ids/state_index: .* Fix: set algorithm.sampler=fr3e"):
+        compute_advantages("fr3e", torch.tensor([1.0, 0.0]), torch.zeros(2, dtype=torch.long), torch.ones(2, 2))
+
+
 def slow_fr3e(rewards, bases, states, scorable, sharpen, tol=1e-6):
     """The estimator as plain loops over dicts: obviously correct, slow."""
     members = defaultdict(list)
@@ -318,13 +323,17 @@ def test_sampler_options_are_checked_with_the_fix():
 
 
 # ---------------------------------------------------------------- end to end (tiny model, vLLM)
+# 2 prompts x (2 base + 2 kept x 2 states x 4 continuations) = 36 rollouts per step
+SMALL = ["trainer.total_steps=3", "reward.verifier=rl_tasks:contains_seven", "trainer.prompts_per_step=2",
+         "algorithm.sampler.options.base_n=2", "algorithm.sampler.options.k=1", "algorithm.max_sample_rounds=1"]
+
+
 def test_fr3e_recipe_runs_three_steps(tmp_path, tiny_model_dir):
-    metrics = run(tmp_path, tiny_model_dir, "fr3e", "+recipe=fr3e", "trainer.total_steps=3",
-                  "reward.verifier=rl_tasks:contains_seven")
+    metrics = run(tmp_path, tiny_model_dir, "fr3e", "+recipe=fr3e", *SMALL)
     assert [m["step"] for m in metrics] == [1, 2, 3]
     for m in metrics:
         assert m["rollout/logprob_gap_max"] < 1e-4  # continuations are scored under their state's prefix
-        assert m["fr3e/rollouts_per_prompt"] > m["fr3e/tokens_per_prompt"] / 16 > 0
+        assert 0 < m["fr3e/tokens_per_prompt"] <= 16 * m["fr3e/rollouts_per_prompt"]
         assert 0 < m["fr3e/states_kept_frac"] <= 1 and "fr3e/value/state_0" in m
         assert m["batch/samples_trained"] > 0 and m["actor/advantage_abs_mean"] > 0
 
@@ -333,6 +342,6 @@ def test_fr3e_composes_with_grpo_lambda(tmp_path, tiny_model_dir):
     if "grpo_lambda" not in SHAPERS:
         pytest.skip("reward shaper grpo_lambda is not registered in this tree yet")
     metrics = run(tmp_path, tiny_model_dir, "fr3e_lambda", "+recipe=fr3e", "algorithm.reward_shaper=grpo_lambda",
-                  "trainer.total_steps=3", "reward.verifier=rl_tasks:contains_seven")
+                  *SMALL)
     assert [m["step"] for m in metrics] == [1, 2, 3]
     assert all(m["rollout/logprob_gap_max"] < 1e-4 for m in metrics)

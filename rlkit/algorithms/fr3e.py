@@ -60,8 +60,8 @@ def fr3e(
     group_ids: Tensor,
     response_mask: Tensor,
     *,
-    base_ids: Tensor,
-    state_index: Tensor,
+    base_ids: Tensor | None = None,
+    state_index: Tensor | None = None,
     scorable: Tensor | None = None,
     sharpen: float | None = 1.5,
     tol: float = 1e-6,
@@ -76,8 +76,12 @@ def fr3e(
     state_index order: δ_first = 1 − V, δ_j = V_j − V_previous; δ' = δ, or sharpened with exponent
     `sharpen` (δ' = sign δ·|δ|^α / Σ|δ|^α over the base, 0 when that sum is 0). Unscorable samples get 0 and
     stay out of V and the mean; a state whose scorable rewards span <= tol, or with one scorable sample,
-    gets 0.
+    gets 0. base_ids and state_index come from the fr3e sampler's estimator_inputs, never from the config.
     """
+    if base_ids is None or state_index is None:
+        raise ValueError("base_ids/state_index: the fr3e estimator needs the branch keys the fr3e sampler adds to "
+                         "RolloutBatch.estimator_inputs. Fix: set algorithm.sampler=fr3e (from Python: pass "
+                         "base_ids= and state_index=)")
     _check_options(rewards, response_mask, "zero", tol)
     if sharpen is not None and sharpen <= 0:
         raise ValueError(f"sharpen: must be > 0 or None, got {sharpen}. Fix: 1.5 (the released code) or null (off)")
