@@ -50,7 +50,8 @@ def test_fr3e_worked_example_with_sharpening():
 
 def test_zero_sum_of_powered_deltas_gives_zero_not_nan():
     # Σ|δ|^α = 0: every δ is 0, δ' = 0 and the coefficient is 1 (the released code divides 0 by 0 here).
-    assert sharpen_deltas(torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.long), 1.5).tolist() == [0, 0, 0]
+    zeros = torch.zeros(3, dtype=torch.float64)
+    assert sharpen_deltas(zeros, torch.zeros(3, dtype=torch.long), 1.5).tolist() == [0, 0, 0]
     # V(S_0) = 1 and V(S_1) = 1 with rewards that still differ: δ = [0, 0], A unmodulated.
     got = fr3e([1.5, 0.5, 2.0, 0.0], [0, 0, 1, 1])
     assert got.tolist() == [0.5, -0.5, 1.0, -1.0]
@@ -207,9 +208,10 @@ def test_branch_state_prompt_ids_are_base_prompt_and_response_prefix_exactly():
     batch = sampler(ROWS, fake_context(engine), first_group_id=10)
     (base_prompts, base_sampling, base), (state_prompts_sent, sampling, _) = engine.calls
     assert base_sampling.n == 4 and sampling.n == 4 and len(engine.calls) == 2  # one batched explore call
+    assert sampling.seed != base_sampling.seed  # S_0's continuations are fresh, not the base responses again
     expected = []
-    for row in keep_bases(torch.tensor([c.prompt_index for c in base]),
-                          torch.tensor([7 in c.token_ids for c in base]), torch.ones(len(base), dtype=torch.bool), 1, 1):
+    correct = torch.tensor([7 in c.token_ids for c in base])
+    for row in keep_bases(torch.tensor([c.prompt_index for c in base]), correct, torch.ones_like(correct), 1, 1):
         c = base[row]
         take = 2 if len(c.token_ids) > 2 else 1
         cuts = sorted(sorted(range(len(c.token_ids)), key=lambda t: c.logprobs[t])[:take])  # lowest logprobs
@@ -287,12 +289,12 @@ def test_entropy_branch_points_come_from_token_stats():
     sampler(ROWS, fake_context(engine, token_stats=token_stats), first_group_id=0)
     assert seen and seen[0] <= 2 * len(ROWS)
     explored, base = engine.calls[1][0], engine.calls[0][2]
-    lasts = {tuple(base_prompt + c.token_ids[:-1]) for c in base for base_prompt in [engine.calls[0][0][c.prompt_index]]}
+    lasts = {tuple(engine.calls[0][0][c.prompt_index] + c.token_ids[:-1]) for c in base}
     assert all(tuple(p) in lasts for p in explored[1::2])  # the cut is at each kept response's last token
     m = sampler.step_metrics()
     assert m["fr3e/branch_pos_rel_mean"] > 0.5 and m["fr3e/time/branch_scoring"] >= 0
     ctx = fake_context(FakeEngine())
-    with pytest.raises(ValueError, match="branch_score: entropy needs .* Fix: pass token_stats, or set branch_score=surprisal"):
+    with pytest.raises(ValueError, match="branch_score: entropy needs .* Fix: pass token_stats, or set branch_score="):
         sampler(ROWS, ctx, first_group_id=0)
 
 

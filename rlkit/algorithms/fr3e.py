@@ -35,7 +35,7 @@ def value_deltas(values: Tensor, bases: Tensor) -> Tensor:
 
 
 def sharpen_deltas(deltas: Tensor, bases: Tensor, alpha: float) -> Tensor:
-    """δ' = sign(δ)·|δ|^α / Σ_{same base} |δ|^α. deltas [S], bases [S] long -> [S]; a base whose Σ is 0 gets 0."""
+    """δ' = sign(δ)·|δ|^α / Σ_{same base} |δ|^α. deltas [S], bases [S] long -> [S]; 0 where that Σ is 0."""
     powered = deltas.abs().pow(alpha)
     inverse = torch.unique(bases, return_inverse=True)[1]
     totals = torch.zeros_like(powered).index_add(0, inverse, powered)[inverse]

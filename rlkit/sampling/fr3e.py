@@ -26,8 +26,9 @@ from rlkit.batch import RolloutBatch
 from rlkit.sampling.samplers import SAMPLERS, SamplerContext, batch_from_completions
 
 BRANCH_SCORES = ("entropy", "surprisal")
-# A re-explore round samples with the step's seed plus round * this prime (fresh continuations).
-STATE_ROUND_SEED_STRIDE = 104_729
+# Explore round r (from 1) samples with the step's seed plus r * this prime: fresh continuations, and S_0's
+# are not the base responses again.
+EXPLORE_SEED_STRIDE = 104_729
 
 
 def keep_bases(prompt_index: torch.Tensor, correct: torch.Tensor, scorable: torch.Tensor,
@@ -151,11 +152,13 @@ class FR3ESampler:
         kept, pending, values = [], list(range(len(states))), {}
         for round_index in range(self.max_state_rounds):
             sampling = ctx.sampling
-            if round_index and sampling.seed is not None:
-                sampling = dataclasses.replace(sampling, seed=sampling.seed + round_index * STATE_ROUND_SEED_STRIDE)
-            completions = ctx.engine.generate([states[s].ids for s in pending], sampling)
-            batch = batch_from_completions([states[s].ids for s in pending], [rows[states[s].prompt_at] for s in pending],
-                                           completions, [int(group_of[pending[c.prompt_index]]) for c in completions], ctx)
+            if sampling.seed is not None:  # never the base call's seed: S_0 would repeat the base responses
+                sampling = dataclasses.replace(sampling, seed=sampling.seed + (round_index + 1) * EXPLORE_SEED_STRIDE)
+            prompts = [states[s].ids for s in pending]
+            completions = ctx.engine.generate(prompts, sampling)
+            groups = [int(group_of[pending[c.prompt_index]]) for c in completions]
+            answers = [rows[states[s].prompt_at] for s in pending]
+            batch = batch_from_completions(prompts, answers, completions, groups, ctx)
             state_at = torch.tensor(pending, dtype=torch.long)[batch.prompt_index]
             batch.texts = _full_texts(batch, [states[s] for s in state_at.tolist()], ctx)
             ctx.score(batch)
@@ -228,9 +231,9 @@ def _full_texts(batch: RolloutBatch, states: list[State], ctx: SamplerContext) -
 
 def _empty_batch(pad_id: int) -> RolloutBatch:
     """A scored batch of no samples, with the fields and estimator inputs every FR3E batch has."""
-    none = torch.zeros(0, dtype=torch.long)
+    none, no = torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.bool)
     return RolloutBatch(
         prompt_ids=[], response_ids=torch.full((0, 1), pad_id, dtype=torch.long), response_mask=torch.zeros(0, 1),
-        behavior_logprobs=torch.zeros(0, 1), group_ids=none, prompt_index=none, truncated=torch.zeros(0, dtype=torch.bool),
-        rows=[], texts=[], rewards=torch.zeros(0), correct=torch.zeros(0, dtype=torch.bool),
-        scorable=torch.zeros(0, dtype=torch.bool), extracted=[], estimator_inputs={"base_ids": none, "state_index": none})
+        behavior_logprobs=torch.zeros(0, 1), group_ids=none, prompt_index=none, truncated=no, rows=[], texts=[],
+        rewards=torch.zeros(0), correct=no, scorable=no, extracted=[],
+        estimator_inputs={"base_ids": none, "state_index": none})
