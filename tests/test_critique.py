@@ -331,10 +331,10 @@ LONG_PROMPTS = "rollout.engine.options.max_model_len=1024"  # refinement prompts
 COMMON = ["reward.verifier=rl_tasks:contains_seven", "rollout.n=4", LONG_PROMPTS]
 
 
-def _check_critique_run(metrics, steps):
+def _check_critique_run(metrics, steps, prompts=4):
     assert [m["step"] for m in metrics] == list(range(1, steps + 1))
     for m in metrics:
-        assert m["batch/samples_trained"] == 16  # 4 prompts x (3 initial + 1 refinement)
+        assert m["batch/samples_trained"] == prompts * 4  # (3 initial + 1 refinement) per prompt
         assert m["rollout/logprob_gap_max"] < 1e-4  # refinements (critique context) are left out of the gap
         for key in ("initial_accuracy", "refinement_accuracy", "rescued_frac", "refinement_length_mean"):
             assert f"critique/{key}" in m
@@ -353,19 +353,20 @@ def test_recipe_runs_three_steps(tmp_path, tiny_model_dir):
 
 
 def test_policy_as_critic_runs(tmp_path, tiny_model_dir):
-    metrics = run(tmp_path, tiny_model_dir, "self_critic", "+recipe=critique_grpo", "trainer.total_steps=2", *COMMON,
-                  "algorithm.sampler.options.source=model", "+algorithm.sampler.options.critic_max_tokens=24")
-    _check_critique_run(metrics, 2)
+    metrics = run(tmp_path, tiny_model_dir, "self_critic", "+recipe=critique_grpo", "trainer.total_steps=1", *COMMON,
+                  "trainer.prompts_per_step=2", "algorithm.sampler.options.source=model",
+                  "+algorithm.sampler.options.critic_max_tokens=24")
+    _check_critique_run(metrics, 1, prompts=2)
     for m in metrics:
-        wrong = round((1 - m["critique/initial_accuracy"]) * 16)  # the 16 initial responses the verifier marked wrong
+        wrong = round((1 - m["critique/initial_accuracy"]) * 8)  # the 8 initial responses the verifier marked wrong
         assert m["critique/model_critiques"] == wrong and 0 <= m["critique/fallbacks"] <= wrong
         assert m["critique/critic_errors"] == 0
 
 
 def test_composes_with_capo(tmp_path, tiny_model_dir):
     metrics = run(tmp_path, tiny_model_dir, "critique_capo", "+recipe=critique_grpo", "algorithm.token_mask=capo",
-                  "trainer.total_steps=2", *COMMON)
-    _check_critique_run(metrics, 2)
+                  "trainer.total_steps=1", "trainer.prompts_per_step=2", *COMMON)
+    _check_critique_run(metrics, 1, prompts=2)
     assert all("capo/rejected_frac" in m for m in metrics)
 
 
@@ -432,10 +433,11 @@ def test_openai_compatible_server_as_critic(tmp_path, tiny_model_dir, tokenizer)
         written = sampler._ask_endpoint(["Is 2 + 2 = 5 right?", "Check: 3 + 4 = 8"])
         assert all(isinstance(text, str) and text for text in written)  # real completions came back
         assert "critic_errors" not in sampler._counts
-        metrics = run(tmp_path, tiny_model_dir, "server_critic", "+recipe=critique_grpo", "trainer.total_steps=2",
-                      *COMMON, "algorithm.sampler.options.source=model", f"+algorithm.sampler.options.url={url}",
-                      "+algorithm.sampler.options.model=tiny", "+algorithm.sampler.options.critic_max_tokens=24")
-        _check_critique_run(metrics, 2)
+        metrics = run(tmp_path, tiny_model_dir, "server_critic", "+recipe=critique_grpo", "trainer.total_steps=1",
+                      *COMMON, "trainer.prompts_per_step=2", "algorithm.sampler.options.source=model",
+                      f"+algorithm.sampler.options.url={url}", "+algorithm.sampler.options.model=tiny",
+                      "+algorithm.sampler.options.critic_max_tokens=24")
+        _check_critique_run(metrics, 1, prompts=2)
         for m in metrics:
             assert m["critique/critic_errors"] == 0 and m["critique/model_critiques"] > 0
             assert m["critique/fallbacks"] <= m["critique/model_critiques"]  # a random model rarely concludes
