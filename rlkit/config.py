@@ -168,12 +168,17 @@ def validate(cfg: DictConfig) -> None:
 
     _check_known_keys(cfg)
     a, r, t = cfg.algorithm, cfg.rollout, cfg.trainer
-    group_users = []
+    group_users, on_policy_users = [], []
     for key, registry in plug_points().items():
         spec = spec_at(cfg, key)
         _check_plugin(key, registry, spec)
-        if capabilities_of(registry.get(spec.name)).needs_groups:
+        caps = capabilities_of(registry.get(spec.name))
+        if caps.needs_groups:
             group_users.append(f"{key}={spec.name}")
+        if caps.needs_on_policy:
+            on_policy_users.append(f"{key}={spec.name}")
+    if on_policy_users and not a.allow_off_policy:
+        _check_exact_on_policy(cfg, ", ".join(on_policy_users))
     engine = spec_at(cfg, "rollout.engine")
     _check_plugin("rollout.engine", ENGINES, PluginSpec(engine_target(engine.name), engine.options))
     verifier = spec_at(cfg, "reward.verifier")
@@ -209,11 +214,24 @@ def validate(cfg: DictConfig) -> None:
              "load a file or HF dataset with data=file data.source=PATH_OR_NAME (data.prompt_column=..., "
              "data.answer_column=...)")
     _require(t.eval_every >= 0, "trainer.eval_every", "must be >= 0", "set 0 to turn periodic eval off")
+    _require(t.max_generated_tokens is None or t.max_generated_tokens >= 1, "trainer.max_generated_tokens",
+             f"must be >= 1 or null, got {t.max_generated_tokens}", "set null to train for trainer.total_steps")
     if t.eval_every:
         from rlkit.eval import eval_settings
 
         eval_settings(cfg)
     _check_model_path(cfg.model.path)
+
+
+def _check_exact_on_policy(cfg: DictConfig, users: str) -> None:
+    """One optimizer step per rollout batch, no KL to a reference: what an exactly on-policy method assumes."""
+    t, fix = cfg.trainer, "or set algorithm.allow_off_policy=true to accept the mismatch knowingly"
+    _require(t.ppo_epochs == 1, "trainer.ppo_epochs", f"{users} assumes exactly on-policy updates (one optimizer "
+             f"step per rollout batch) but ppo_epochs={t.ppo_epochs}", f"set trainer.ppo_epochs=1, {fix}")
+    _require(t.mini_batches == 1, "trainer.mini_batches", f"{users} assumes exactly on-policy updates (one optimizer "
+             f"step per rollout batch) but mini_batches={t.mini_batches}", f"set trainer.mini_batches=1, {fix}")
+    _require(cfg.algorithm.loss.kl_coef == 0, "algorithm.loss.kl_coef", f"{users} assumes exactly on-policy updates "
+             f"without a reference model or KL term but kl_coef={cfg.algorithm.loss.kl_coef}", f"set algorithm.loss.kl_coef=0, {fix}")
 
 
 def _check_plugin(key: str, registry: Registry, spec: PluginSpec) -> None:

@@ -47,7 +47,7 @@ def test_every_config_key_is_commented():
     "overrides, key, fix",
     [
         (["rollout.n=1"], "rollout.n", "rollout.n>=2"),
-        (["algorithm.advantage=nope"], "algorithm.advantage=nope", "known: dr_grpo, grpo, rloo"),
+        (["algorithm.advantage=nope"], "algorithm.advantage=nope", "rloo (or give an import path"),
         (["algorithm.loss.agg=mean"], "algorithm.loss.agg", "token-mean"),
         (["trainer.mini_batches=3"], "trainer.mini_batches", "divisor"),
         (["reward.verifier=nope"], "reward.verifier=nope", "known: gsm8k, math"),

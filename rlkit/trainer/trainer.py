@@ -27,7 +27,7 @@ from rlkit.rollout import SamplingConfig, make_engine
 from rlkit.sampling import Collected, SamplerContext, collect
 from rlkit.trainer.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from rlkit.trainer.interrupt import StopRequest
-from rlkit.trainer.logprobs import policy_logprobs
+from rlkit.trainer.logprobs import PolicyOutputs, policy_logprobs
 from rlkit.trainer.metrics import MetricsLogger, UpdateStats, rollout_metrics, step_metrics
 from rlkit.trainer.run_dir import CONFIG_FILE, check_run_dir, run_dir_of
 from rlkit.trainer.setup import load_policy
@@ -57,7 +57,7 @@ class Trainer:
         self.scorer = make_scorer(spec_at(cfg, "reward.verifier"), OmegaConf.to_container(cfg.reward, resolve=True))
         self.engine = make_engine(spec_at(cfg, "rollout.engine"), cfg.model.path, cfg.rollout.dtype or cfg.model.dtype)
         self.evaluator = Evaluator(cfg, self.tokenizer, self.engine, self.scorer) if cfg.trainer.eval_every else None
-        self.step, self.next_group_id = 0, 0
+        self.step, self.next_group_id, self.generated_tokens = 0, 0, 0
         self.stopped_by: int | None = None  # the signal that ended fit() early, if any
         self._resume()
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -77,7 +77,7 @@ class Trainer:
             with StopRequest() as stop:
                 if self.step == 0 and self.evaluator is not None:
                     self.metrics.log(0, self.evaluate())  # the initial policy, before any update
-                while self.step < t.total_steps and not stop.requested:
+                while self.step < t.total_steps and not self.budget_spent() and not stop.requested:
                     metrics = self.train_step()
                     bar.update(1)
                     bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}",
@@ -97,6 +97,11 @@ class Trainer:
             bar.close()
             self.close()
 
+    def budget_spent(self) -> bool:
+        """True once trainer.max_generated_tokens tokens were generated (methods are compared at equal budgets)."""
+        budget = self.cfg.trainer.max_generated_tokens
+        return budget is not None and self.generated_tokens >= budget
+
     def resume_command(self) -> str:
         """The command line that continues this run from its latest checkpoint (its saved config is the base)."""
         where = f"logging.run_name={self.cfg.logging.run_name}"
@@ -111,6 +116,8 @@ class Trainer:
         batch = collected.batch
         tick = time.perf_counter()
         metrics = rollout_metrics(collected.seen, batch)
+        metrics["rollout/generated_tokens"] = float(collected.generated_tokens)
+        metrics["rollout/generated_tokens_total"] = float(self.generated_tokens)
         if len(batch):
             batch.advantages = self.plugins["algorithm.advantage"](
                 batch.rewards, batch.group_ids, batch.response_mask, scorable=batch.scorable, **batch.estimator_inputs)
@@ -140,13 +147,14 @@ class Trainer:
         seed = (self.cfg.seed * SEED_MIX + self.step * SAMPLING_STEP_STRIDE) % (2**31)
         ctx = SamplerContext(
             engine=self.engine, tokenizer=self.tokenizer, build_prompt=self._build_prompt, score=self.score,
-            pad_id=self.pad_id, sampling=SamplingConfig(n=r.n, temperature=r.temperature, top_p=r.top_p,
+            token_stats=self._token_stats, pad_id=self.pad_id, sampling=SamplingConfig(n=r.n, temperature=r.temperature, top_p=r.top_p,
                                                         top_k=r.top_k, max_tokens=r.max_tokens, seed=seed))
         collected = collect(self.stream.next_batch, ctx, sampler=self.plugins["algorithm.sampler"],
                             group_filter=self.plugins["algorithm.group_filter"],
                             shaper=self.plugins["algorithm.reward_shaper"], prompts=self.cfg.trainer.prompts_per_step,
                             max_rounds=a.max_sample_rounds, first_group_id=self.next_group_id, pad_id=self.pad_id)
         self.next_group_id = collected.next_group_id
+        self.generated_tokens += collected.generated_tokens
         return collected
 
     def evaluate(self) -> dict[str, float]:
@@ -173,7 +181,7 @@ class Trainer:
         tokens leave numerator and denominator, and any micro-batch split gives the same step.
         """
         t = self.cfg.trainer
-        old_logprobs = batch.behavior_logprobs if t.old_logprobs == "behavior" else self._recompute_logprobs(batch)
+        old_logprobs = self._old_logprobs(batch)
         generator = torch.Generator().manual_seed(self.cfg.seed * SEED_MIX + self.step)
         stats = UpdateStats()
         for epoch in range(t.ppo_epochs):
@@ -188,12 +196,24 @@ class Trainer:
                     counts.append(self._normalizer(mask))
                     losses.append(m.pop("pg_loss"))
                     if epoch == 0 and mini_index == 0:  # weights not yet updated: engine vs trainer mismatch
-                        stats.add_gap(logprobs.detach(), part.behavior_logprobs, part.response_mask)
+                        in_context = part.response_mask if part.off_context is None else \
+                            part.response_mask * (~part.off_context)[:, None].to(part.response_mask.dtype)
+                        stats.add_gap(logprobs.detach(), part.behavior_logprobs, in_context)
                     stats.add(m)
                 normalizer = self._global_normalizer(counts)
                 stats.add_loss(sum(losses) / normalizer if normalizer > 0 else 0.0)
                 self._optimizer_step(normalizer, stats)
-        return stats.result(batch)
+        result = stats.result(batch)
+        if t.log_policy_shift:
+            result["actor/policy_shift_k3"] = self._policy_shift(batch, old_logprobs)
+        return result
+
+    def _policy_shift(self, batch: RolloutBatch, old_logprobs: torch.Tensor) -> float:
+        """Mean k3 estimate of KL(behaviour || updated policy) over the batch's response tokens (sampled by the
+        behaviour policy, whose logprobs are `old_logprobs` [B,T]): one no-grad forward after the update."""
+        new = self._token_stats(batch).logprobs
+        mask = batch.response_mask.float()
+        return float((k3_kl(old_logprobs.float(), new, mask) * mask).sum() / mask.sum().clamp(min=1))
 
     def _micro_loss(self, part: RolloutBatch, old_logprobs: torch.Tensor):
         """Forward one micro-batch -> (logprobs [b,T], un-normalised loss, final loss mask [b,T], metrics)."""
@@ -252,10 +272,24 @@ class Trainer:
                                    temperature=self.cfg.rollout.temperature,
                                    chunk_tokens=self.cfg.trainer.logprob_chunk_tokens, return_hidden=hidden)
 
-    def _recompute_logprobs(self, batch: RolloutBatch) -> torch.Tensor:
-        """[B,T] logprobs of the batch under the current (pre-update) policy, one micro-batch at a time."""
-        parts = torch.arange(len(batch)).split(self.cfg.trainer.micro_batch_size)
-        return torch.cat([self._logprobs(self.model, batch.select(p)).logprobs.float().cpu() for p in parts])
+    def _token_stats(self, batch: RolloutBatch) -> PolicyOutputs:
+        """Logprobs and entropies [B,T] of the batch under the current policy, one micro-batch at a time (CPU)."""
+        parts = [self._logprobs(self.model, batch.select(p))
+                 for p in torch.arange(len(batch)).split(self.cfg.trainer.micro_batch_size)]
+        return PolicyOutputs(torch.cat([p.logprobs.float().cpu() for p in parts]),
+                             torch.cat([p.entropies.float().cpu() for p in parts]))
+
+    def _old_logprobs(self, batch: RolloutBatch) -> torch.Tensor:
+        """[B,T] ratio denominators: the engine's behaviour logprobs, recomputed by the trainer where asked
+        (trainer.old_logprobs=recompute) or where a response was sampled in another context (off_context)."""
+        if self.cfg.trainer.old_logprobs == "recompute":
+            return self._token_stats(batch).logprobs
+        old = batch.behavior_logprobs
+        if batch.off_context is not None and batch.off_context.any():
+            rows = batch.off_context.nonzero()[:, 0]
+            old = old.clone()
+            old[rows] = self._token_stats(batch.select(rows)).logprobs
+        return old
 
     # ------------------------------------------------------------------ plumbing
     def _build_prompt(self, row: dict) -> list[int]:
@@ -277,6 +311,7 @@ class Trainer:
         state, plugin_state = load_checkpoint(path, model=self.accelerator.unwrap_model(self.model),
                                               optimizer=self.optimizer, scheduler=self.scheduler)
         self.step, self.next_group_id = state["step"], state["next_group_id"]
+        self.generated_tokens = state["generated_tokens"]
         self.stream.load_state_dict(state["stream"])
         for key, plugin in self.plugins.items():
             if plugin.stateful:
@@ -285,7 +320,8 @@ class Trainer:
         log.info("resumed from %s at step %d", path, self.step)
 
     def save(self) -> Path:
-        state = {"next_group_id": self.next_group_id, "stream": self.stream.state_dict()}
+        state = {"next_group_id": self.next_group_id, "generated_tokens": self.generated_tokens,
+                 "stream": self.stream.state_dict()}
         plugin_state = {key: p.state_dict() for key, p in self.plugins.items() if p.stateful}
         return save_checkpoint(self.run_dir / "checkpoints", self.step,
                                model=self.accelerator.unwrap_model(self.model), tokenizer=self.tokenizer,
