@@ -161,10 +161,10 @@ def test_opo_refuses_settings_that_break_exact_on_policy(tiny_model_dir, base, o
 # ---------------------------------------------------------------- end to end on the tiny model with vLLM
 @pytest.mark.parametrize("extra", [[], ["algorithm.token_mask=capo"]], ids=["opo", "opo+capo"])
 def test_opo_recipe_runs_three_steps(tmp_path, tiny_model_dir, extra):
-    metrics = run(tmp_path, tiny_model_dir, "opo", "+recipe=opo", "trainer.total_steps=3", "trainer.lr=1e-3",
+    metrics = run(tmp_path, tiny_model_dir, "opo", "+recipe=opo", "trainer.total_steps=3",
                   "reward.verifier=rl_tasks:contains_seven", "trainer.save_every=0", *extra)
     assert [m["step"] for m in metrics] == [1, 2, 3]
     for m in metrics:
         assert m["rollout/logprob_gap_max"] < 1e-4
-        assert m["actor/policy_shift_k3"] > 0 and math.isfinite(m["actor/policy_shift_k3"])  # the update moved it
+        assert 0 < m["actor/policy_shift_k3"] < 1e-2  # the update moved the policy, a little (measured 2e-5..8e-5)
         assert m["actor/entropy"] > 0 and m["response/length_std"] >= 0
