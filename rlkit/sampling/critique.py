@@ -78,7 +78,7 @@ def select_refinements(prompt_index: torch.Tensor, correct: torch.Tensor, k: int
 class CritiqueSampler:
     """`algorithm.sampler=critique`: initial responses plus critique-guided refinements (module docstring).
 
-    Options: k refinements kept per prompt (1 < rollout.n); source of the critiques: ground_truth (the
+    Options: k refinements kept per prompt (k < rollout.n); source of the critiques: ground_truth (the
     verdict and the reference answer), indicative (the verdict only) or model (a chain-of-thought
     critique of each response the verifier marks wrong, written by the policy through the rollout engine,
     or by the OpenAI-compatible endpoint at `url` serving `model` when a url is set; correct responses get
