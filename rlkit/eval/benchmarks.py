@@ -23,7 +23,7 @@ class Benchmark:
     """One benchmark, ready to sample.
 
     name: the metrics key (`eval/<name>/...`).
-    key: the config node it was read from (`eval.suite.gsm8k`, `eval.file`), named in errors.
+    key: the config node it was read from (`eval.suite.gsm8k`, `eval.file`).
     rows: [P] dataset rows {"question", "answer", "meta"}.
     prompts: [P] prompt token ids; texts: [P] the user message of each prompt (template applied).
     """
