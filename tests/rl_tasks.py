@@ -82,3 +82,8 @@ def on_policy_estimator(rewards, group_ids, response_mask, *, scorable=None):
     from rlkit.algorithms import compute_advantages
 
     return compute_advantages("dr_grpo", rewards, group_ids, response_mask, scorable=scorable)
+
+
+def empty_sampler(rows, ctx, *, first_group_id):
+    """Returns no sample at all (as FR3E does when every state of every prompt is flat)."""
+    return sample_groups(rows[:1], ctx, first_group_id=first_group_id).select([])

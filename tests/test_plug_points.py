@@ -121,3 +121,10 @@ def test_generated_token_budget_stops_the_run(tmp_path, tiny_model_dir):
     assert [m["step"] for m in metrics] == [1]  # 4 prompts x 3 groups x 4 samples exceed 100 tokens in one step
     assert metrics[0]["rollout/generated_tokens"] == metrics[0]["response/tokens"] > 100
     assert metrics[0]["rollout/generated_tokens_total"] == metrics[0]["rollout/generated_tokens"]
+
+
+def test_a_step_with_no_samples_is_logged_and_skipped(tmp_path, tiny_model_dir):
+    metrics = run(tmp_path, tiny_model_dir, "empty", "trainer.total_steps=2", "reward.verifier=rl_tasks:contains_seven",
+                  "algorithm.sampler=rl_tasks:empty_sampler")
+    assert [(m["step"], m["batch/samples_trained"], "reward/mean" in m) for m in metrics] == [(1, 0.0, False),
+                                                                                            (2, 0.0, False)]

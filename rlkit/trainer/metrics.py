@@ -65,7 +65,14 @@ class MetricsLogger:
 
 
 def rollout_metrics(seen: RolloutBatch, batch: RolloutBatch) -> dict[str, float]:
-    """Rewards and lengths of everything sampled this step (`seen`, verifier rewards) and what is trained (`batch`)."""
+    """Rewards and lengths of everything sampled this step (`seen`, verifier rewards) and what is trained (`batch`).
+
+    A step that returned no sample (a sampler whose every group was flat, say) logs only the batch counts.
+    """
+    trained = {"batch/samples_trained": float(len(batch)), "batch/groups_trained": float(batch.group_ids.unique().numel()),
+               "batch/prompts_trained": float(batch.prompt_index.unique().numel())}
+    if not len(seen):
+        return trained
     lengths = seen.lengths.float()
     scorable = seen.scorable
     rewards = seen.rewards[scorable] if scorable.any() else torch.zeros(1)
@@ -82,9 +89,7 @@ def rollout_metrics(seen: RolloutBatch, batch: RolloutBatch) -> dict[str, float]
         "response/truncated_frac": seen.truncated.float().mean().item(),
         "response/tokens": lengths.sum().item(),
         "batch/zero_variance_group_frac": seen.group_ids[zero_var].unique().numel() / seen.group_ids.unique().numel(),
-        "batch/samples_trained": float(len(batch)),
-        "batch/groups_trained": float(batch.group_ids.unique().numel()),
-        "batch/prompts_trained": float(batch.prompt_index.unique().numel()),
+        **trained,
     }
     if len(batch):
         metrics["reward/shaped_mean"] = batch.rewards[batch.scorable].mean().item() if batch.scorable.any() else 0.0

@@ -80,8 +80,9 @@ class Trainer:
                 while self.step < t.total_steps and not self.budget_spent() and not stop.requested:
                     metrics = self.train_step()
                     bar.update(1)
-                    bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}",
-                                    len=f"{metrics['response/length_mean']:.0f}", s=f"{metrics['time/step']:.1f}")
+                    bar.set_postfix(reward=f"{metrics.get('reward/mean', float('nan')):.3f}",
+                                    len=f"{metrics.get('response/length_mean', float('nan')):.0f}",
+                                    s=f"{metrics['time/step']:.1f}")
                     periodic = t.save_every and self.step % t.save_every == 0
                     if periodic and self.step < t.total_steps and not stop.requested:
                         self.save()
