@@ -16,7 +16,13 @@ def _cli(*args):
 
 
 def test_every_recipe_composes_and_validates(tiny_model_dir):
-    for recipe in ("grpo", "dr_grpo", "dapo"):
+    from pathlib import Path
+
+    from rlkit.config import CONFIG_DIR
+
+    recipes = sorted(p.stem for p in Path(CONFIG_DIR, "..", "recipes").glob("*.yaml"))
+    assert {"grpo", "dr_grpo", "dapo", "opo", "grpo_lambda", "capo", "fr3e", "critique_grpo"} <= set(recipes)
+    for recipe in recipes:
         validate(_cfg(tiny_model_dir, f"+recipe={recipe}"))
 
 
