@@ -73,23 +73,21 @@ def curvature_shifts(hidden: Tensor, topk_probs: Tensor, sampled_index: Tensor, 
     return _shifts(u, topk_probs, v, advantages, lr)
 
 
-def token_gradients(hidden: Tensor, topk_probs: Tensor, sampled_index: Tensor, advantages: Tensor) -> Tensor:
-    """g = A * v (x) h: hidden [n,d], topk_probs [n,k], sampled_index [n], advantages [n] -> [n,k,d]."""
-    v = _score_direction(topk_probs, sampled_index)
-    return (advantages[:, None] * v)[..., None] * hidden[:, None, :]
+def _adam_logit_change(weights: Tensor, hidden: Tensor, first_moment: Tensor, second_moment: Tensor, step: int,
+                       betas: tuple[float, float], eps: float) -> Tensor:
+    """u = G h, G = m_hat / (sqrt(v_hat) + eps) from the prospective moments m' = b1 m + (1-b1) g and
+    v' = b2 v + (1-b2) g^2, bias-corrected at step+1, with g = weights (x) hidden.
 
-
-def adam_direction(grad: Tensor, first_moment: Tensor, second_moment: Tensor, step: int,
-                   betas: tuple[float, float], eps: float) -> Tensor:
-    """Adam's step direction from prospective moments, without changing them.
-
-    grad, first_moment, second_moment [...]; step: optimizer steps the moments have seen ->
-    m_hat / (sqrt(v_hat) + eps) with m' = b1 m + (1-b1) g, v' = b2 v + (1-b2) g^2, bias-corrected at step+1.
+    weights = A v [n,k], hidden [n,d], moments [n,k,d] (overwritten) -> [n,k]. g is never formed:
+    g and g^2 enter as broadcast products.
     """
-    beta1, beta2 = betas
-    m = (beta1 * first_moment + (1 - beta1) * grad) / (1 - beta1 ** (step + 1))
-    v = (beta2 * second_moment + (1 - beta2) * grad * grad) / (1 - beta2 ** (step + 1))
-    return m / (v.sqrt() + eps)
+    (beta1, beta2), t = betas, step + 1
+    first = first_moment.mul_(beta1 / (1 - beta1**t)).addcmul_(
+        weights[..., None], hidden[:, None, :], value=(1 - beta1) / (1 - beta1**t))
+    second = second_moment.mul_(beta2 / (1 - beta2**t)).addcmul_(
+        weights.square()[..., None], hidden.square()[:, None, :], value=(1 - beta2) / (1 - beta2**t))
+    direction = first.div_(second.sqrt_().add_(eps))
+    return torch.bmm(direction, hidden[:, :, None])[..., 0]
 
 
 def adam_curvature_shifts(hidden: Tensor, topk_probs: Tensor, sampled_index: Tensor, advantages: Tensor, lr: float, *,
@@ -99,26 +97,19 @@ def adam_curvature_shifts(hidden: Tensor, topk_probs: Tensor, sampled_index: Ten
 
     hidden [n,d], topk_probs [n,k], sampled_index [n], advantages [n]; first_moment, second_moment
     [n,k,d]: the Adam model's moments of each token's top-k rows (zeros for rows it has not seen);
-    step: the Adam model's step count -> (m_h, m_f) [n]. Forms [n,k,d] tensors: call it on chunks.
+    step: the optimizer steps the moments have seen; betas, eps: Adam's -> (m_h, m_f) [n].
+    Works on [n,k,d] tensors: call it on bounded chunks of tokens.
     """
-    grad = token_gradients(hidden, topk_probs, sampled_index, advantages)
-    direction = adam_direction(grad, first_moment, second_moment, step, betas, eps)
-    u = torch.einsum("nkd,nd->nk", direction, hidden)
-    return _shifts(u, topk_probs, _score_direction(topk_probs, sampled_index), advantages, lr)
+    v = _score_direction(topk_probs, sampled_index)
+    weights = advantages[:, None] * v
+    u = _adam_logit_change(weights, hidden, first_moment.clone(), second_moment.clone(), step, betas, eps)
+    return _shifts(u, topk_probs, v, advantages, lr)
 
 
 def curvature_keep(m_h: Tensor, m_f: Tensor, tau_h: float, tau_f: float, symmetric: bool = True) -> Tensor:
     """Keep mask: m_h, m_f [...] -> bool [...]; -tau_h < m_h < tau_h (symmetric) or 0 <= m_h < tau_h, and m_f < tau_f."""
     hessian_ok = m_h.abs() < tau_h if symmetric else (m_h >= 0) & (m_h < tau_h)
     return hessian_ok & (m_f < tau_f)
-
-
-def _sum_rows(rows: Tensor, values: Tensor, counts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Sum `values` [n,d] and `counts` [n] over equal `rows` [n] -> (unique sorted rows [U], sums [U,d], counts [U])."""
-    unique, inverse = torch.unique(rows, return_inverse=True)
-    sums = torch.zeros(len(unique), values.shape[-1], dtype=values.dtype, device=values.device)
-    totals = torch.zeros(len(unique), dtype=counts.dtype, device=counts.device)
-    return unique, sums.index_add_(0, inverse, values), totals.index_add_(0, inverse, counts)
 
 
 @TOKEN_MASKS.register("capo", needs_hidden=True)
@@ -130,6 +121,9 @@ class CapoMask:
     direction while it has no moments) or "sgd"; top_k rows of the LM head per token; thresholds tau_h,
     tau_f; symmetric Hessian clipping; temperature: the sampling temperature the trainer's logprobs use
     (set it to ${rollout.temperature}). Adam's betas and eps are the optimizer's (param_groups[0]).
+
+    Memory: [CHUNK_TOKENS, V] logits and [CHUNK_TOKENS, k, d] tensors at a time; with Adam, the moments of
+    the rows seen so far and, during a step, one LM-head-sized buffer that sums the accepted gradients.
     """
 
     def __init__(self, *, direction: str = "adam", top_k: int = 50, tau_h: float = 0.01, tau_f: float = 1e-4,
@@ -141,44 +135,45 @@ class CapoMask:
             raise ValueError(f"{key}.top_k: {top_k} leaves no curvature (v = 0). Fix: top_k >= 2 (paper: 50)")
         if not (tau_h > 0 and tau_f > 0 and temperature > 0):
             raise ValueError(f"{key}: tau_h, tau_f and temperature must be > 0, got {tau_h}, {tau_f}, {temperature}. "
-                             f"Fix: e.g. tau_h=0.01 tau_f=1e-4 (use .inf to switch one off)")
+                             f"Fix: e.g. tau_h=0.01 tau_f=1e-4 (use inf to switch one off)")
         self.direction, self.top_k, self.temperature = direction, top_k, temperature
         self.tau_h, self.tau_f, self.symmetric = tau_h, tau_f, symmetric
         self.step = 0  # optimizer steps the Adam model has taken
-        self.rows = torch.zeros(0, dtype=torch.long)  # sorted vocabulary rows with moments [R]
-        self.first_moment = self.second_moment = torch.zeros(0, 0)  # [R,d]
+        self.rows = torch.zeros(0, dtype=torch.long)  # sorted vocabulary rows that have moments [R]
+        self._moments_of_rows: tuple[Tensor, Tensor] | None = None  # first, second [R+1,d]; last row: zeros
         self._adam: tuple[tuple[float, float], float] | None = None  # the optimizer's (betas, eps)
-        self._pending: tuple[Tensor, Tensor, Tensor] | None = None  # accepted gradient: rows, sums [U,d], counts
+        self._accepted: tuple[Tensor, Tensor] | None = None  # this step's accepted gradient sums [V,d], counts [V]
         self._tally = torch.zeros(6, dtype=torch.float64)  # rejected, tokens; for A>0; for A<0
 
     def __call__(self, inputs: TokenMaskInputs) -> Tensor:
         """keep [b,T] = response mask x curvature mask."""
         selected = inputs.mask > 0
-        hidden = inputs.hidden[selected]
+        hidden, targets = inputs.hidden[selected], inputs.response_ids[selected]
         advantages = inputs.advantages[selected].float()
-        targets = inputs.response_ids[selected]
+        lm_head = inputs.lm_head.detach()
         keep = torch.ones(len(targets), dtype=torch.bool, device=hidden.device)
         adam = self.direction == "adam"
         if adam:
             self._adam = self._optimizer_settings(inputs.optimizer)
-            self._to_device(hidden.device)
+            self._prepare(lm_head.shape[0], hidden.shape[-1], hidden.device)
         with torch.no_grad():
             for start in range(0, len(targets), CHUNK_TOKENS):
                 part = slice(start, start + CHUNK_TOKENS)
                 h, a = hidden[part].float(), advantages[part]
-                ids, probs, index = topk_distribution(hidden[part], inputs.lm_head.detach(), targets[part], self.top_k,
-                                                      self.temperature)
-                if adam and len(self.rows):
-                    first, second = self._moments(ids)
-                    m_h, m_f = adam_curvature_shifts(h, probs, index, a, inputs.lr, first_moment=first,
-                                                     second_moment=second, step=self.step, betas=self._adam[0],
-                                                     eps=self._adam[1])
+                ids, probs, index = topk_distribution(hidden[part], lm_head, targets[part], self.top_k, self.temperature)
+                if not adam:
+                    keep[part] = curvature_keep(*curvature_shifts(h, probs, index, a, inputs.lr), self.tau_h,
+                                                self.tau_f, self.symmetric)
+                    continue
+                v = _score_direction(probs, index)
+                weights = a[:, None] * v  # the token's gradient is weights (x) h
+                if len(self.rows):
+                    u = _adam_logit_change(weights, h, *self._moments(ids), self.step, *self._adam)
                 else:
-                    m_h, m_f = curvature_shifts(h, probs, index, a, inputs.lr)
-                keep[part] = curvature_keep(m_h, m_f, self.tau_h, self.tau_f, self.symmetric)
-                if adam:
-                    kept = keep[part]
-                    self._accumulate(ids[kept], token_gradients(h[kept], probs[kept], index[kept], a[kept]))
+                    u = (a * h.pow(2).sum(-1))[:, None] * v  # no moments yet: the SGD direction
+                kept = curvature_keep(*_shifts(u, probs, v, a, inputs.lr), self.tau_h, self.tau_f, self.symmetric)
+                keep[part] = kept
+                self._add_accepted(ids[kept], weights[kept], h[kept])
         self._count(keep, advantages)
         out = torch.zeros_like(inputs.mask)
         out[selected] = keep.to(out.dtype)
@@ -193,46 +188,63 @@ class CapoMask:
                              "which has none. Fix: algorithm.token_mask.options.direction=sgd")
         return tuple(group["betas"]), group["eps"]
 
-    def _to_device(self, device: torch.device) -> None:
+    def _prepare(self, vocab: int, dim: int, device: torch.device) -> None:
+        """Moments on `device` (with their zero row), and this step's accepted-gradient buffers."""
+        if self._moments_of_rows is None:
+            self._moments_of_rows = (torch.zeros(1, dim), torch.zeros(1, dim))
         self.rows = self.rows.to(device)
-        self.first_moment, self.second_moment = self.first_moment.to(device), self.second_moment.to(device)
+        self._moments_of_rows = tuple(m.to(device) for m in self._moments_of_rows)
+        if self._accepted is None:
+            self._accepted = (torch.zeros(vocab, dim, device=device), torch.zeros(vocab, device=device))
+
+    def _add_accepted(self, ids: Tensor, weights: Tensor, hidden: Tensor) -> None:
+        """Add accepted tokens' gradients A v (x) h to their rows' sums: ids, weights = A v [n,k], hidden [n,d].
+
+        Each row's sum is (weights over the tokens that hold it) @ hidden: one [U,n] x [n,d] product over the
+        chunk's U distinct rows, without forming the [n,k,d] gradients.
+        """
+        rows, where = torch.unique(ids, return_inverse=True)
+        per_row = torch.zeros(len(rows), len(ids), dtype=weights.dtype, device=weights.device)
+        per_row[where, torch.arange(len(ids), device=ids.device)[:, None].expand_as(ids)] = weights
+        sums, counts = self._accepted
+        sums.index_add_(0, rows, per_row @ hidden)
+        counts.index_add_(0, rows, torch.bincount(where.reshape(-1), minlength=len(rows)).to(counts.dtype))
 
     def _moments(self, ids: Tensor) -> tuple[Tensor, Tensor]:
         """The moments of rows `ids` [n,k] -> two [n,k,d] tensors, zeros for rows never updated."""
         pos = torch.searchsorted(self.rows, ids).clamp(max=len(self.rows) - 1)
-        found = (self.rows[pos] == ids)[..., None]
-        return self.first_moment[pos] * found, self.second_moment[pos] * found
-
-    def _accumulate(self, ids: Tensor, grads: Tensor) -> None:
-        """Add accepted tokens' gradients (ids [n,k], grads [n,k,d]) to this optimizer step's per-row sums."""
-        rows, sums, counts = ids.reshape(-1), grads.reshape(-1, grads.shape[-1]), torch.ones(ids.numel(), device=ids.device)
-        if self._pending is not None:
-            rows, sums, counts = (torch.cat([p, n]) for p, n in zip(self._pending, (rows, sums, counts)))
-        self._pending = _sum_rows(rows, sums, counts)
+        pos = torch.where(self.rows[pos] == ids, pos, len(self.rows)).reshape(-1)  # else the zero row
+        return tuple(m.index_select(0, pos).view(*ids.shape, -1) for m in self._moments_of_rows)
 
     def after_optimizer_step(self) -> None:
         """One Adam step of the model's moments with the mean accepted gradient per row (rows it saw only)."""
-        if self.direction != "adam" or self._adam is None:
+        if self._accepted is None:
             return
-        pending, self._pending = self._pending, None
+        (sums, counts), self._accepted = self._accepted, None
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            pending = _gather_rows(pending)
+            dist.all_reduce(sums)  # every rank's Adam model takes the same step
+            dist.all_reduce(counts)
         self.step += 1
-        if pending is None:
-            return
-        rows, sums, counts = pending
-        grad = sums / counts[:, None]
-        union = torch.unique(torch.cat([self.rows, rows]))
-        first = torch.zeros(len(union), grad.shape[-1], dtype=grad.dtype, device=grad.device)
-        second = torch.zeros_like(first)
-        if len(self.rows):
-            old = torch.searchsorted(union, self.rows)
-            first[old], second[old] = self.first_moment, self.second_moment
-        new = torch.searchsorted(union, rows)
+        seen = counts.nonzero()[:, 0]
+        grad = sums[seen] / counts[seen, None]
+        union = torch.unique(torch.cat([self.rows, seen]))
         (beta1, beta2), _ = self._adam
+        first, second = (torch.zeros(len(union) + 1, sums.shape[-1], device=sums.device) for _ in range(2))
+        old, new = torch.searchsorted(union, self.rows), torch.searchsorted(union, seen)
+        first[old], second[old] = self._moments_of_rows[0][:-1], self._moments_of_rows[1][:-1]
         first[new] = beta1 * first[new] + (1 - beta1) * grad
         second[new] = beta2 * second[new] + (1 - beta2) * grad * grad
-        self.rows, self.first_moment, self.second_moment = union, first, second
+        self.rows, self._moments_of_rows = union, (first, second)
+
+    @property
+    def first_moment(self) -> Tensor:
+        """[R,d] first moments of `rows`."""
+        return self._moments_of_rows[0][:-1] if self._moments_of_rows is not None else torch.zeros(0, 0)
+
+    @property
+    def second_moment(self) -> Tensor:
+        """[R,d] second moments of `rows`."""
+        return self._moments_of_rows[1][:-1] if self._moments_of_rows is not None else torch.zeros(0, 0)
 
     # ------------------------------------------------------------------ state and metrics
     def state_dict(self) -> dict:
@@ -240,9 +252,10 @@ class CapoMask:
                 "second_moment": self.second_moment.cpu()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.step, self.rows = state["step"], state["rows"]
-        self.first_moment, self.second_moment = state["first_moment"], state["second_moment"]
-        self._pending = None
+        self.step, self.rows, self._accepted = state["step"], state["rows"], None
+        first, second = state["first_moment"], state["second_moment"]
+        zero = torch.zeros(1, first.shape[-1]) if first.numel() else None
+        self._moments_of_rows = None if zero is None else (torch.cat([first, zero]), torch.cat([second, zero]))
 
     def _count(self, keep: Tensor, advantages: Tensor) -> None:
         rejected = ~keep
@@ -257,14 +270,3 @@ class CapoMask:
         self._tally.zero_()
         frac = [t[i] / t[i + 1] if t[i + 1] else 0.0 for i in (0, 2, 4)]
         return {"capo/rejected_frac": frac[0], "capo/rejected_frac_pos": frac[1], "capo/rejected_frac_neg": frac[2]}
-
-
-def _gather_rows(pending: tuple[Tensor, Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor] | None:
-    """Every rank's accepted per-row sums and counts, summed: each rank's Adam model takes the same step."""
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, None if pending is None else tuple(t.cpu() for t in pending))
-    parts = [p for p in parts if p is not None]
-    if not parts:
-        return None
-    device = pending[0].device if pending is not None else torch.device("cpu")
-    return _sum_rows(*(torch.cat([p[i] for p in parts]).to(device) for i in range(3)))
