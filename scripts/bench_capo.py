@@ -7,7 +7,7 @@ warm-up step, so the Adam model has moments). Variants alternate within each rep
 jobs on a shared machine slow them alike; the mask's own time is measured around its call.
 
     .venv/bin/python scripts/bench_capo.py --model tiny
-    .venv/bin/python scripts/bench_capo.py --model smollm2 --prompts 8 --n 8 --tokens 64
+    .venv/bin/python scripts/bench_capo.py --model smollm2 --prompts 8 --n 8 --tokens 64 --repeat 1 --threads 1
 """
 from __future__ import annotations
 
@@ -67,7 +67,11 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=48)
     parser.add_argument("--micro-batch-size", type=int, default=16)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (1 gives steadier timings on a machine shared with other jobs)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
         overrides = ["rollout.engine=hf", "reward.num_workers=0", "data.limit=8", "logging.progress_bar=false",

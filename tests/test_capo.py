@@ -193,6 +193,27 @@ def test_adam_model_starts_with_sgd_then_steps_its_moments_with_the_kept_gradien
     torch.testing.assert_close(adam.second_moment, (1 - 0.95) * mean**2)
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_zero_advantage_tokens_are_kept_by_the_adam_model(symmetric):
+    """With moments, Adam's direction moves a token even when its own gradient is 0 (m_f > 0): it is kept anyway."""
+    inputs = _inputs()
+    mask = CapoMask(top_k=5, tau_h=INF, tau_f=INF, symmetric=symmetric)
+    mask(inputs)
+    mask.after_optimizer_step()
+    assert len(mask.rows) > 0
+    mask.tau_h = mask.tau_f = 1e-12
+    inputs.advantages = inputs.advantages.clone()
+    inputs.advantages[0] = 0.0
+    keep = mask(inputs)
+    assert mask.step == 1 and keep[0].tolist() == inputs.mask[0].tolist() and keep[1:].sum() == 0
+    sel = inputs.mask[0] > 0
+    ids, probs, index = topk_distribution(inputs.hidden[0][sel], inputs.lm_head, inputs.response_ids[0][sel], 5)
+    first, second = mask._moments(ids)
+    _, m_f = adam_curvature_shifts(inputs.hidden[0][sel], probs, index, inputs.advantages[0][sel], inputs.lr,
+                                   first_moment=first, second_moment=second, step=1, betas=(0.8, 0.95), eps=1e-6)
+    assert (m_f > 1e-12).all()  # the thresholds alone would have rejected them
+
+
 def test_adam_state_round_trips():
     inputs, later = _inputs(seed=0), _inputs(seed=1)
     first = CapoMask(top_k=5, tau_h=0.05)

@@ -122,6 +122,9 @@ class CapoMask:
     tau_f; symmetric Hessian clipping; temperature: the sampling temperature the trainer's logprobs use
     (set it to ${rollout.temperature}). Adam's betas and eps are the optimizer's (param_groups[0]).
 
+    A token with A = 0 adds nothing to the update and is always kept (with Adam's momentum its m_f need
+    not be 0; the reference code would judge it, which only changes the loss's denominators).
+
     Memory: [CHUNK_TOKENS, V] logits and [CHUNK_TOKENS, k, d] tensors at a time; with Adam, the moments of
     the rows seen so far and, during a step, one LM-head-sized buffer that sums the accepted gradients.
     """
@@ -167,11 +170,14 @@ class CapoMask:
                     continue
                 v = _score_direction(probs, index)
                 weights = a[:, None] * v  # the token's gradient is weights (x) h
+                kept, judged = a == 0, a != 0  # A = 0: no gradient of its own, always kept
                 if len(self.rows):
-                    u = _adam_logit_change(weights, h, *self._moments(ids), self.step, *self._adam)
+                    u = _adam_logit_change(weights[judged], h[judged], *self._moments(ids[judged]), self.step,
+                                           *self._adam)
                 else:
-                    u = (a * h.pow(2).sum(-1))[:, None] * v  # no moments yet: the SGD direction
-                kept = curvature_keep(*_shifts(u, probs, v, a, inputs.lr), self.tau_h, self.tau_f, self.symmetric)
+                    u = (a * h.pow(2).sum(-1))[judged, None] * v[judged]  # no moments yet: the SGD direction
+                kept[judged] = curvature_keep(*_shifts(u, probs[judged], v[judged], a[judged], inputs.lr), self.tau_h,
+                                              self.tau_f, self.symmetric)
                 keep[part] = kept
                 self._add_accepted(ids[kept], weights[kept], h[kept])
         self._count(keep, advantages)
