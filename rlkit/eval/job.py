@@ -39,13 +39,13 @@ def resolve_model_path(path: str) -> str:
 def run_job(cfg: DictConfig, *, progress: bool = True) -> list[BenchmarkResult]:
     """Evaluate `cfg.model.path` on `cfg.eval.benchmarks`; print the table and write the outputs to
     `cfg.eval.output_dir`. Settings, model path and benchmarks are checked before the engine starts."""
-    from transformers import AutoTokenizer
+    settings = eval_settings(cfg)
+    model_path = resolve_model_path(cfg.model.path)
+    from transformers import AutoTokenizer  # heavy imports after the checks: a refusal comes back at once
 
     from rlkit.reward.scorer import make_scorer
     from rlkit.rollout import make_engine
 
-    settings = eval_settings(cfg)
-    model_path = resolve_model_path(cfg.model.path)
     out_dir = Path(settings.block["output_dir"])
     route_library_logs(out_dir)  # vLLM and transformers chatter goes to <output_dir>/train.log
     tokenizer = AutoTokenizer.from_pretrained(model_path)
