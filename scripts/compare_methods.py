@@ -43,14 +43,13 @@ def train(name: str, overrides: list[str], budget: int, seed: int, out: Path, ex
                  f"logging.output_dir={out}", f"logging.run_name={name}", *extra], out / f"{name}.train.log")
 
 
-def evaluate(name: str, out: Path, limit: int) -> dict:
+def evaluate(name: str, out: Path, limit: int, sampled_limit: int) -> dict:
     results = {}
-    for mode, overrides in (("greedy", ["eval.temperature=0", "eval.n=1", "eval.k=[1]"]),
-                            ("sampled", ["eval.temperature=1.0", "eval.n=4", "eval.k=[1,4]"])):
+    for mode, count, overrides in (("greedy", limit, ["eval.temperature=0", "eval.n=1", "eval.k=[1]"]),
+                                   ("sampled", sampled_limit, ["eval.temperature=1.0", "eval.n=4", "eval.k=[1,4]"])):
         target = out / f"{name}.eval.{mode}"
         _run(["-m", "rlkit.eval", f"model.path={out / name / 'final'}", "eval.benchmarks=[arithmetic]",
-              f"eval.suite.arithmetic.limit={limit}", f"eval.output_dir={target}", *overrides],
-             out / f"{name}.eval.{mode}.log")
+              f"eval.limit={count}", f"eval.output_dir={target}", *overrides], out / f"{name}.eval.{mode}.log")
         results[mode] = json.loads((target / "eval.json").read_text())["metrics"]["arithmetic"]
     return results
 
@@ -87,7 +86,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), help=f"any of {list(METHODS)}")
     parser.add_argument("--budget", type=int, default=12000, help="generated tokens per run")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--eval-limit", type=int, default=200, help="arithmetic test prompts")
+    parser.add_argument("--eval-limit", type=int, default=200, help="arithmetic test prompts, greedy")
+    parser.add_argument("--sampled-limit", type=int, default=100, help="arithmetic test prompts, 4 samples at T=1")
     parser.add_argument("--out", type=Path, default=Path("runs/compare"))
     parser.add_argument("--extra", nargs="*", default=[], help="overrides added to every method's run")
     parser.add_argument("--lr", action="append", default=[], metavar="NAME=LR",
@@ -101,14 +101,19 @@ def main() -> None:
     summary_path = args.out / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     for name, overrides in runs.items():
-        seconds = train(name, overrides, args.budget, args.seed, args.out, args.extra)
+        if (args.out / name / "final").is_dir() and name in summary:
+            continue  # done by an earlier invocation
+        if (args.out / name / "final").is_dir():  # trained, not yet evaluated: its logged step times
+            seconds = sum(m.get("time/step", 0.0) for m in read_metrics(args.out / name))
+        else:
+            seconds = train(name, overrides, args.budget, args.seed, args.out, args.extra)
         metrics = read_metrics(args.out / name)
         summary[name] = {"overrides": [*overrides, *args.extra], "budget": args.budget, "seed": args.seed,
                          "train_seconds": seconds, "steps": metrics[-1]["step"],
                          "generated_tokens": metrics[-1]["rollout/generated_tokens_total"],
                          "reward_first2": sum(m["reward/mean"] for m in metrics[:2]) / min(2, len(metrics)),
                          "reward_last3": sum(m["reward/mean"] for m in metrics[-3:]) / min(3, len(metrics)),
-                         "eval": evaluate(name, args.out, args.eval_limit)}
+                         "eval": evaluate(name, args.out, args.eval_limit, args.sampled_limit)}
         summary_path.write_text(json.dumps(summary, indent=1) + "\n")
         print(name, json.dumps(summary[name]), flush=True)
     print("plot:", plot(args.out, list(summary)))
