@@ -156,17 +156,18 @@ def test_mask_keeps_what_the_thresholds_keep_and_reports_rejections_by_sign():
     assert mask.step_metrics()["capo/rejected_frac"] == 0.0  # reset after each step
 
 
-def test_all_tokens_of_a_sequence_rejected_leave_the_sequence_mean():
-    """A sequence whose every token is rejected adds nothing to the loss, and rlkit's seq-mean-token-mean
-    normaliser counts only sequences with a kept token (the reference code still counts it, as a zero)."""
+def test_all_tokens_of_a_sequence_rejected_still_count_in_the_sequence_mean():
+    """A sequence whose every token is rejected adds nothing to the loss but still counts in
+    seq-mean-token-mean's denominator, as a zero (as in the reference code)."""
     inputs = _inputs()
     inputs.advantages = inputs.advantages.clone()
     inputs.advantages[0] = 0.0  # row 0: A = 0, every token kept at any threshold
     keep = CapoMask(direction="sgd", top_k=8, tau_h=1e-12, tau_f=1e-12)(inputs)
     assert keep[0].tolist() == inputs.mask[0].tolist() and keep[1:].sum() == 0
     per_token = torch.randn(keep.shape)
-    loss = aggregate(per_token, keep, "seq-mean-token-mean", loss_normalizer(keep, "seq-mean-token-mean"))
-    assert loss.item() == pytest.approx(per_token[0].mean().item())
+    normalizer = loss_normalizer(keep, "seq-mean-token-mean", response_mask=inputs.mask)
+    loss = aggregate(per_token, keep, "seq-mean-token-mean", normalizer)
+    assert normalizer == 3 and loss.item() == pytest.approx(per_token[0].mean().item() / 3)
 
 
 def test_adam_model_starts_with_sgd_then_steps_its_moments_with_the_kept_gradients():
@@ -272,10 +273,9 @@ def test_rejecting_step_is_split_invariant_and_equals_the_kept_token_loss(traine
                               temperature=temperature, return_hidden=True)
     inputs = TokenMaskInputs(response_ids=batch.response_ids, mask=batch.response_mask, advantages=batch.advantages,
                              hidden=out.hidden, lm_head=model.get_output_embeddings().weight,
-                             optimizer=trainer.optimizer, lr=trainer.scheduler.get_last_lr()[0])
+                             optimizer=trainer.optimizer, lr=trainer.scheduler.get_last_lr()[0], temperature=temperature)
     _, (m_h, _) = _sgd_shifts(inputs, k=50)
-    with _token_mask(trainer, direction=direction, tau_h=m_h.abs().median().item(), tau_f=INF,
-                     temperature=temperature) as capo:
+    with _token_mask(trainer, direction=direction, tau_h=m_h.abs().median().item(), tau_f=INF) as capo:
         if direction == "adam":
             _gradients(trainer, batch, len(batch))  # one step of the Adam model
         state = capo.state_dict()
@@ -294,7 +294,8 @@ def test_rejecting_step_is_split_invariant_and_equals_the_kept_token_loss(traine
         logprobs = policy_logprobs(model, batch.prompt_ids, batch.response_ids, batch.response_mask,
                                    pad_id=trainer.pad_id, temperature=temperature).logprobs
         per_token, _ = ppo_clip_surrogate(logprobs, batch.behavior_logprobs, batch.advantages, mask)
-        aggregate(per_token, mask, "seq-mean-token-mean", loss_normalizer(mask, "seq-mean-token-mean")).backward()
+        normalizer = loss_normalizer(mask, "seq-mean-token-mean", response_mask=batch.response_mask)
+        aggregate(per_token, mask, "seq-mean-token-mean", normalizer).backward()
     for g_trainer, param in zip(whole, model.parameters()):
         torch.testing.assert_close(g_trainer, param.grad, rtol=1e-4, atol=1e-6)
     model.zero_grad(set_to_none=True)

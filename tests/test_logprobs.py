@@ -117,7 +117,7 @@ def test_rejecting_token_mask_is_invariant_and_leaves_the_denominator(trainer_an
     keep = (torch.arange(batch.response_mask.shape[1]) % 3 != 0).float()
     mask = batch.response_mask * keep
     per_token, _ = ppo_clip_surrogate(out.logprobs, batch.behavior_logprobs, batch.advantages, mask)
-    normalizer = loss_normalizer(mask, agg, trainer.cfg.rollout.max_tokens)
+    normalizer = loss_normalizer(mask, agg, trainer.cfg.rollout.max_tokens, response_mask=batch.response_mask)
     aggregate(per_token, mask, agg, normalizer).backward()
     for g_trainer, param in zip(whole, model.parameters()):
         torch.testing.assert_close(g_trainer, param.grad, rtol=1e-4, atol=1e-6)

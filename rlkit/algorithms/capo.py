@@ -119,8 +119,8 @@ class CapoMask:
     Options: direction "adam" (the paper's recipe: a sparse Adam model with its own per-vocabulary-row
     moments, updated after every optimizer step with the mean gradient of the accepted tokens; the SGD
     direction while it has no moments) or "sgd"; top_k rows of the LM head per token; thresholds tau_h,
-    tau_f; symmetric Hessian clipping; temperature: the sampling temperature the trainer's logprobs use
-    (set it to ${rollout.temperature}). Adam's betas and eps are the optimizer's (param_groups[0]).
+    tau_f; symmetric Hessian clipping. The top-k distribution is taken at the trainer's temperature
+    (``inputs.temperature``). Adam's betas and eps are the optimizer's (param_groups[0]).
 
     A token with A = 0 adds nothing to the update and is always kept (with Adam's momentum its m_f need
     not be 0; the reference code would judge it, which only changes the loss's denominators).
@@ -130,16 +130,16 @@ class CapoMask:
     """
 
     def __init__(self, *, direction: str = "adam", top_k: int = 50, tau_h: float = 0.01, tau_f: float = 1e-4,
-                 symmetric: bool = True, temperature: float = 1.0):
+                 symmetric: bool = True):
         key = "algorithm.token_mask.options"
         if direction not in DIRECTIONS:
             raise ValueError(f"{key}.direction: {direction!r} is not a direction model. Fix: one of {list(DIRECTIONS)}")
         if top_k < 2:
             raise ValueError(f"{key}.top_k: {top_k} leaves no curvature (v = 0). Fix: top_k >= 2 (paper: 50)")
-        if not (tau_h > 0 and tau_f > 0 and temperature > 0):
-            raise ValueError(f"{key}: tau_h, tau_f and temperature must be > 0, got {tau_h}, {tau_f}, {temperature}. "
+        if not (tau_h > 0 and tau_f > 0):
+            raise ValueError(f"{key}: tau_h and tau_f must be > 0, got {tau_h}, {tau_f}. "
                              f"Fix: e.g. tau_h=0.01 tau_f=1e-4 (use inf to switch one off)")
-        self.direction, self.top_k, self.temperature = direction, top_k, temperature
+        self.direction, self.top_k = direction, top_k
         self.tau_h, self.tau_f, self.symmetric = tau_h, tau_f, symmetric
         self.step = 0  # optimizer steps the Adam model has taken
         self.rows = torch.zeros(0, dtype=torch.long)  # sorted vocabulary rows that have moments [R]
@@ -163,7 +163,7 @@ class CapoMask:
             for start in range(0, len(targets), CHUNK_TOKENS):
                 part = slice(start, start + CHUNK_TOKENS)
                 h, a = hidden[part].float(), advantages[part]
-                ids, probs, index = topk_distribution(hidden[part], lm_head, targets[part], self.top_k, self.temperature)
+                ids, probs, index = topk_distribution(hidden[part], lm_head, targets[part], self.top_k, inputs.temperature)
                 if not adam:
                     keep[part] = curvature_keep(*curvature_shifts(h, probs, index, a, inputs.lr), self.tau_h,
                                                 self.tau_f, self.symmetric)

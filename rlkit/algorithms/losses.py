@@ -25,11 +25,14 @@ def _check_agg(agg: str) -> None:
         raise ValueError(f"loss aggregation (algorithm.loss.agg) must be one of {AGGREGATIONS}, got {agg!r}")
 
 
-def loss_normalizer(mask: Tensor, agg: str, loss_scale_factor: float | None = None) -> float:
-    """The global loss denominator of a whole mini-batch. mask [B,T] -> float.
+def loss_normalizer(mask: Tensor, agg: str, loss_scale_factor: float | None = None, *,
+                    response_mask: Tensor | None = None) -> float:
+    """The global loss denominator of a whole mini-batch. mask [B,T] (the final loss mask) -> float.
 
-    token-mean: number of tokens; seq-mean-token-mean: sequences with >= 1 token;
-    seq-mean-token-sum: sequences; seq-mean-token-sum-norm: ``loss_scale_factor`` (Dr. GRPO's constant L).
+    token-mean: kept tokens; seq-mean-token-mean: sequences with >= 1 response token (``response_mask``
+    [B,T], default ``mask``): a sequence whose every token a token mask rejected still counts, as a zero,
+    as in CAPO's reference code; seq-mean-token-sum: sequences; seq-mean-token-sum-norm:
+    ``loss_scale_factor`` (Dr. GRPO's constant L).
     """
     _check_agg(agg)
     if mask.dim() != 2:
@@ -37,7 +40,8 @@ def loss_normalizer(mask: Tensor, agg: str, loss_scale_factor: float | None = No
     if agg == "token-mean":
         return float(mask.sum())
     if agg == "seq-mean-token-mean":
-        return float((mask.sum(dim=-1) > 0).sum())
+        rows = mask if response_mask is None else response_mask
+        return float((rows.sum(dim=-1) > 0).sum())
     if agg == "seq-mean-token-sum":
         return float(mask.shape[0])
     if loss_scale_factor is None:

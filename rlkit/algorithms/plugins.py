@@ -37,7 +37,8 @@ class TokenMaskInputs:
 
     response_ids/mask/advantages: [b,T]; hidden: [b,T,d] final hidden states predicting each token
     (present when the mask declares ``needs_hidden``); lm_head: [V,d] output embedding;
-    optimizer and lr: the live optimizer and its current scheduled learning rate.
+    optimizer and lr: the live optimizer and its current scheduled learning rate;
+    temperature: the sampling temperature the trainer's logprobs are taken at (logits / temperature).
     """
 
     response_ids: Tensor
@@ -47,6 +48,7 @@ class TokenMaskInputs:
     lm_head: Tensor
     optimizer: torch.optim.Optimizer
     lr: float
+    temperature: float = 1.0
 
 
 @TOKEN_MASKS.register("none")

@@ -194,7 +194,7 @@ class Trainer:
                     part = batch.select(micro)
                     logprobs, loss, mask, m = self._micro_loss(part, old_logprobs[micro])
                     self.accelerator.backward(loss)
-                    counts.append(self._normalizer(mask))
+                    counts.append(self._normalizer(mask, part.response_mask))
                     losses.append(m.pop("pg_loss"))
                     if epoch == 0 and mini_index == 0:  # weights not yet updated: engine vs trainer mismatch
                         in_context = part.response_mask if part.off_context is None else \
@@ -225,7 +225,7 @@ class Trainer:
         keep = token_mask(TokenMaskInputs(
             response_ids=part.response_ids.to(device), mask=response_mask, advantages=advantages, hidden=out.hidden,
             lm_head=self.accelerator.unwrap_model(self.model).get_output_embeddings().weight,
-            optimizer=self.optimizer, lr=self.scheduler.get_last_lr()[0]))
+            optimizer=self.optimizer, lr=self.scheduler.get_last_lr()[0], temperature=self.cfg.rollout.temperature))
         mask = response_mask * keep.to(response_mask.dtype)
         per_token, m = self.plugins["algorithm.policy_loss"](
             out.logprobs, old_logprobs.to(device), advantages, mask,
@@ -240,9 +240,10 @@ class Trainer:
         m["tokens_kept_frac"] = mask.sum() / response_mask.sum().clamp(min=1)
         return out.logprobs, loss, mask, m
 
-    def _normalizer(self, mask: torch.Tensor) -> float:
+    def _normalizer(self, mask: torch.Tensor, response_mask: torch.Tensor) -> float:
         a = self.cfg.algorithm.loss
-        return loss_normalizer(mask, a.agg, a.loss_scale_factor or self.cfg.rollout.max_tokens)
+        return loss_normalizer(mask, a.agg, a.loss_scale_factor or self.cfg.rollout.max_tokens,
+                               response_mask=response_mask)
 
     def _global_normalizer(self, counts: list[float]) -> float:
         """The mini-batch's denominator over every micro-batch and rank (a constant for seq-mean-token-sum-norm)."""
