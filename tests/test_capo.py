@@ -323,8 +323,4 @@ def test_capo_recipe_runs_and_its_adam_model_resumes_exactly(tmp_path, tiny_mode
         assert capo["step"] == 3 and len(capo["rows"]) > 0
 
 
-@pytest.mark.parametrize("recipe", ["opo", "grpo_lambda"])
-def test_capo_composes_with(tmp_path, tiny_model_dir, recipe):
-    metrics = run(tmp_path, tiny_model_dir, recipe, f"+recipe={recipe}", "algorithm.token_mask=capo",
-                  "trainer.total_steps=3", "rollout.n=4", "reward.verifier=rl_tasks:contains_seven")
-    assert [m["step"] for m in metrics] == [1, 2, 3] and all("capo/rejected_frac" in m for m in metrics)
+# The compositions with OPO and GRPO-λ run in tests/test_opo.py and tests/test_grpo_lambda.py.

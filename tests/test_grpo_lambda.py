@@ -195,4 +195,5 @@ def test_grpo_lambda_recipe_runs_three_steps(tmp_path, tiny_model_dir, extra):
         assert m["rollout/logprob_gap_max"] < 1e-4
         assert m["grpo_lambda/efficient_group_frac"] == 0.25  # ceil(0.2 * 4 groups) = 1 of 4
         assert 0 <= m["grpo_lambda/accuracy"] <= 1
+        assert ("capo/rejected_frac" in m) == any("capo" in e for e in extra)  # the composed mask reports
         assert "actor/policy_shift_k3" not in m  # trainer.log_policy_shift is off by default

@@ -168,3 +168,4 @@ def test_opo_recipe_runs_three_steps(tmp_path, tiny_model_dir, extra):
         assert m["rollout/logprob_gap_max"] < 1e-4
         assert 0 < m["actor/policy_shift_k3"] < 1e-2  # the update moved the policy, a little (measured 2e-5..8e-5)
         assert m["actor/entropy"] > 0 and m["response/length_std"] >= 0
+        assert ("capo/rejected_frac" in m) == any("capo" in e for e in extra)  # the composed mask reports
