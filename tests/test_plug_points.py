@@ -128,3 +128,21 @@ def test_a_step_with_no_samples_is_logged_and_skipped(tmp_path, tiny_model_dir):
                   "algorithm.sampler=rl_tasks:empty_sampler")
     assert [(m["step"], m["batch/samples_trained"], "reward/mean" in m) for m in metrics] == [(1, 0.0, False),
                                                                                             (2, 0.0, False)]
+
+
+def test_prompts_solved_frac_counts_prompts_with_any_correct_sample_across_their_groups():
+    from rlkit.batch import RolloutBatch
+    from rlkit.trainer.metrics import rollout_metrics
+
+    # 3 prompts (indices 4, 5, 7 as after a resample round); prompt 4 has two groups, one with a correct sample.
+    prompt_index = torch.tensor([4, 4, 4, 4, 5, 5, 7, 7])
+    correct = torch.tensor([0, 0, 1, 0, 0, 0, 1, 1], dtype=torch.bool)
+    batch = RolloutBatch(prompt_ids=[[1]] * 8, response_ids=torch.ones(8, 2, dtype=torch.long),
+                         response_mask=torch.ones(8, 2), behavior_logprobs=torch.zeros(8, 2),
+                         group_ids=torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]), prompt_index=prompt_index,
+                         truncated=torch.zeros(8, dtype=torch.bool), rows=[{}] * 8, texts=[""] * 8,
+                         rewards=correct.float(), correct=correct, scorable=torch.ones(8, dtype=torch.bool),
+                         extracted=["1"] * 8)
+    metrics = rollout_metrics(batch, batch)
+    assert metrics["reward/prompts_solved_frac"] == pytest.approx(2 / 3)
+    assert metrics["batch/zero_variance_group_frac"] == pytest.approx(3 / 4)

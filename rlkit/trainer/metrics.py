@@ -77,10 +77,13 @@ def rollout_metrics(seen: RolloutBatch, batch: RolloutBatch) -> dict[str, float]
     scorable = seen.scorable
     rewards = seen.rewards[scorable] if scorable.any() else torch.zeros(1)
     zero_var = zero_variance_groups(seen.rewards, seen.group_ids, scorable)
+    prompts, which = seen.prompt_index.unique(return_inverse=True)
+    solved = torch.zeros(prompts.numel()).index_add_(0, which, seen.correct.float()) > 0
     metrics = {
         "reward/mean": rewards.mean().item(),
         "reward/std": rewards.std().item() if rewards.numel() > 1 else 0.0,
         "reward/accuracy": seen.correct.float().mean().item(),
+        "reward/prompts_solved_frac": solved.float().mean().item(),
         "reward/unscorable": float((~scorable).sum()),
         "reward/no_answer": float(sum(e is None for e in seen.extracted)),
         "response/length_mean": lengths.mean().item(),
