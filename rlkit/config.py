@@ -160,6 +160,23 @@ def build_plugins(cfg: DictConfig) -> dict[str, Plugin]:
     return {key: registry.build(spec_at(cfg, key)) for key, registry in plug_points().items()}
 
 
+def _check_sampler_inputs(cfg: DictConfig) -> None:
+    """Every plug-in's `needs_inputs` must be among the sampler's `provides_inputs`."""
+    points = plug_points()
+    sampler = spec_at(cfg, "algorithm.sampler").name
+    provided = set(capabilities_of(points["algorithm.sampler"].get(sampler)).provides_inputs)
+    for key, registry in points.items():
+        name = spec_at(cfg, key).name
+        missing = [x for x in capabilities_of(registry.get(name)).needs_inputs if x not in provided]
+        if missing:
+            samplers = points["algorithm.sampler"]
+            able = [s for s in samplers.names()
+                    if set(missing) <= set(capabilities_of(samplers.get(s)).provides_inputs)]
+            raise ConfigError(f"{key}={name}: reads {', '.join(missing)} from the sampler, which "
+                              f"algorithm.sampler={sampler} does not provide. Fix: set algorithm.sampler="
+                              f"{' or '.join(able) or 'a sampler that provides them'} (or choose another {key})")
+
+
 def validate(cfg: DictConfig) -> None:
     """Refuse configs that cannot train correctly, before anything heavy starts."""
     from rlkit.algorithms import AGGREGATIONS
@@ -179,6 +196,7 @@ def validate(cfg: DictConfig) -> None:
             on_policy_users.append(f"{key}={spec.name}")
     if on_policy_users and not a.allow_off_policy:
         _check_exact_on_policy(cfg, ", ".join(on_policy_users))
+    _check_sampler_inputs(cfg)
     engine = spec_at(cfg, "rollout.engine")
     _check_plugin("rollout.engine", ENGINES, PluginSpec(engine_target(engine.name), engine.options))
     verifier = spec_at(cfg, "reward.verifier")

@@ -33,15 +33,20 @@ class Capabilities:
     needs_reference: reads logprobs of the frozen initial policy (a reference model is loaded).
     needs_on_policy: assumes exactly on-policy updates (one optimizer step per rollout batch, no KL):
         validation refuses other settings unless ``algorithm.allow_off_policy=true``.
+    needs_inputs: per-sample tensors read from ``RolloutBatch.estimator_inputs``; validation refuses a
+        sampler that does not declare them in its ``provides_inputs``.
+    provides_inputs: the ``estimator_inputs`` a sampler adds to every batch.
     """
 
     needs_groups: bool = False
     needs_hidden: bool = False
     needs_reference: bool = False
     needs_on_policy: bool = False
+    needs_inputs: tuple[str, ...] = ()
+    provides_inputs: tuple[str, ...] = ()
 
 
-def declare(**capabilities: bool) -> Callable[[T], T]:
+def declare(**capabilities) -> Callable[[T], T]:
     """Decorator for user plug-ins: ``@declare(needs_groups=True)``."""
     caps = Capabilities(**capabilities)
 
@@ -130,7 +135,7 @@ class Registry(Generic[T]):
         self.inputs = inputs
         self._items: dict[str, T] = {}
 
-    def register(self, name: str, **capabilities: bool) -> Callable[[T], T]:
+    def register(self, name: str, **capabilities) -> Callable[[T], T]:
         def decorator(obj: T) -> T:
             known = self._items.get(name)
             if known is not None and known is not obj:

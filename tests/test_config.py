@@ -129,3 +129,10 @@ def test_keys_nothing_reads_are_refused_with_the_closest_known_key(tiny_model_di
 def test_user_chosen_keys_are_not_refused(tiny_model_dir):
     validate(_cfg(tiny_model_dir, "+eval.suite.mine={source: my.jsonl, split: test}",
                   "+algorithm.advantage.options.eps=0.001", "+recipe=dapo", "data=math"))
+
+
+def test_an_estimator_needing_sampler_inputs_is_refused_without_that_sampler(tiny_model_dir):
+    with pytest.raises(ConfigError, match=r"algorithm.advantage=fr3e: reads base_ids, state_index from the sampler, "
+                                          r"which algorithm.sampler=group does not provide. Fix: set algorithm.sampler=fr3e"):
+        validate(_cfg(tiny_model_dir, "algorithm.advantage=fr3e"))
+    validate(_cfg(tiny_model_dir, "+recipe=fr3e", "algorithm.reward_shaper=grpo_lambda"))

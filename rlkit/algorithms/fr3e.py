@@ -54,7 +54,7 @@ def _check_keys(group_ids: Tensor, base_ids: Tensor, state_index: Tensor) -> Non
                          "of an FR3E batch by (base trajectory, state), as the fr3e sampler does")
 
 
-@ADVANTAGES.register("fr3e", needs_groups=True)
+@ADVANTAGES.register("fr3e", needs_groups=True, needs_inputs=("base_ids", "state_index"))
 def fr3e(
     rewards: Tensor,
     group_ids: Tensor,

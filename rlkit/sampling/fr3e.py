@@ -77,7 +77,7 @@ class State:
     prompt_len: int
 
 
-@SAMPLERS.register("fr3e", needs_groups=True)
+@SAMPLERS.register("fr3e", needs_groups=True, provides_inputs=("base_ids", "state_index"))
 class FR3ESampler:
     """FR3E rollouts; ``step_metrics()`` reports the step's branching statistics (``fr3e/...``) and resets."""
 
