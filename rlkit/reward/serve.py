@@ -27,7 +27,8 @@ import sys
 import uvicorn
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-from rlkit.reward.service import CLOSED_BY_SERVER, LOOPBACK_HOSTS, RewardService, ServiceSettings, create_app
+from rlkit.reward.app import CLOSED_BY_SERVER, create_app
+from rlkit.reward.service import LOOPBACK_HOSTS, RewardService, ServiceSettings
 
 log = logging.getLogger("rlkit.reward.serve")
 

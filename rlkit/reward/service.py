@@ -1,18 +1,6 @@
-"""The verifier-reward service: batch scoring over HTTP on top of ``VerifierPool``.
+"""The verifier-reward service's core: scorers per (verifier, options), limits, metrics, shutdown.
 
-Endpoints (JSON bodies; errors are ``{"detail": "<what is wrong and how to fix it>"}``):
-
-- ``POST /score``: ``{"verifier"?, "options"?, "items": [{"response", "reference", "verifier"?, "options"?}]}``
-  -> ``{"results": [{"reward", "correct", "extracted", "error"}]}`` in item order. Top-level
-  ``verifier``/``options`` are defaults for items that omit them. ``reward`` is ``null`` when
-  the item is unscorable (``error`` says why: ``timeout``, ``worker_crash``, ...). An empty
-  ``items`` list with a top-level verifier checks the verifier and options and starts its workers.
-- ``GET /health``: liveness (200 while the process serves).
-- ``GET /ready``: readiness (200 while accepting work, 503 while shutting down).
-- ``GET /metrics``: Prometheus text format.
-
-POST bodies must be ``Content-Type: application/json`` (415 otherwise): a web page can send
-``text/plain`` or form posts to a loopback port without the browser asking first.
+The HTTP layer over it is ``rlkit.reward.app``; ``rlkit.reward.serve`` runs both.
 
 Scheduling: one scorer per (verifier, options), created on first use and kept until
 ``max_pools`` are live and another configuration is asked for: then the least recently used
@@ -30,35 +18,22 @@ code execution.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import queue
 import threading
 import time
 from collections import Counter
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-
-from starlette.applications import Starlette
-from starlette.requests import ClientDisconnect, Request
-from starlette.responses import Response
-from starlette.routing import Route
+from dataclasses import dataclass
 
 from rlkit.reward.pool import VerifierPool
+from rlkit.reward.requests import Refusal
+from rlkit.reward.service_metrics import ServiceMetrics
 from rlkit.reward.verifiers import VERIFIERS, Score, check_options
 
 log = logging.getLogger("rlkit.reward.service")
 
-# Request latency histogram buckets (seconds), Prometheus-style upper bounds.
-LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
-# Set in a request's ASGI scope by the server (rlkit.reward.serve) when it closes the connection before the
-# body arrived: (status counted in the metrics, reason logged).
-CLOSED_BY_SERVER = "rlkit.closed_by_server"
-_TOP_FIELDS = ("items", "verifier", "options")
-_ITEM_FIELDS = ("response", "reference", "verifier", "options")
-_JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
 
 
 @dataclass(frozen=True)
@@ -118,22 +93,12 @@ class ServiceSettings:
                 raise ValueError(f"cannot preload {name!r}: not a registered verifier or an allowed import path")
 
 
-class Refusal(Exception):
-    """A request the service answers with ``status`` and ``{"detail": detail}``."""
-
-    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None):
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
-        self.headers = headers or {}
+class ShuttingDown(Exception):
+    """The service is draining: the request is answered 503."""
 
 
-class _ShuttingDown(Exception):
-    pass
-
-
-class _ScorerFailed(Exception):
-    pass
+class ScorerFailed(Exception):
+    """A scorer's workers could not start: the request is answered 500."""
 
 
 @dataclass(eq=False)
@@ -196,13 +161,13 @@ class _Scorer:
             if job.abandoned:
                 continue
             if self.failure is not None:
-                job.settle(error=_ScorerFailed(self.failure))
+                job.settle(error=ScorerFailed(self.failure))
                 continue
             try:
                 [score] = pool.score([job.response], [job.reference])
             except Exception as err:  # the worker could not start; the pool has closed itself
                 self.failure = f"verifier {self.verifier!r} could not start its workers: {err}"
-                job.settle(error=_ScorerFailed(self.failure))
+                job.settle(error=ScorerFailed(self.failure))
             else:
                 job.settle(score)
 
@@ -227,45 +192,13 @@ class _InFlight:
     jobs: list[_Job]
 
 
-@dataclass
-class _Metrics:
-    """Counters kept on the event loop's thread; rendered in Prometheus text format."""
-
-    requests: Counter = field(default_factory=Counter)  # status code -> count (POST /score)
-    items: Counter = field(default_factory=Counter)  # (verifier, "scored" | "unscorable") -> count
-    item_errors: Counter = field(default_factory=Counter)  # (verifier, error kind) -> count
-    timeouts: Counter = field(default_factory=Counter)  # verifier -> count
-    retired_restarts: Counter = field(default_factory=Counter)  # verifier -> restarts of scorers since retired
-    cancelled_items: int = 0
-    latency_buckets: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS_S))
-    latency_sum_s: float = 0.0
-    latency_count: int = 0
-
-    def observe_request(self, status: int, seconds: float) -> None:
-        self.requests[status] += 1
-        self.latency_sum_s += seconds
-        self.latency_count += 1
-        for i, bound in enumerate(LATENCY_BUCKETS_S):
-            if seconds <= bound:
-                self.latency_buckets[i] += 1
-
-    def observe_scores(self, verifier: str, scores: list[Score]) -> None:
-        for score in scores:
-            self.items[verifier, "scored" if score.reward is not None else "unscorable"] += 1
-            if score.error is not None:
-                kind = score.error.split(":", 1)[0]
-                self.item_errors[verifier, kind] += 1
-                if kind == "timeout":
-                    self.timeouts[verifier] += 1
-
-
 class RewardService:
-    """Scorers, limits, metrics and shutdown; the HTTP layer is ``create_app``."""
+    """Scorers, limits, metrics and shutdown; the HTTP layer is ``rlkit.reward.app.create_app``."""
 
     def __init__(self, settings: ServiceSettings):
         self.settings = settings
         self.verifiers = tuple(VERIFIERS.names()) + tuple(v for v in settings.extra_verifiers if v not in VERIFIERS)
-        self.metrics = _Metrics()
+        self.metrics = ServiceMetrics()
         self.draining = False
         self.queued = 0  # items submitted and not yet answered
         self._scorers: dict[tuple[str, str], _Scorer] = {}
@@ -289,7 +222,7 @@ class RewardService:
         """The scorer for (verifier, options with canonical JSON ``key``), started on first use; at
         ``max_pools`` the least recently used idle scorer makes room (503 if none is idle)."""
         if self._closed:
-            raise _ShuttingDown()
+            raise ShuttingDown()
         scorer = self._scorers.get((verifier, key))
         if scorer is not None and scorer.failure is not None:
             self._retire(verifier, key)
@@ -315,11 +248,11 @@ class RewardService:
         """Score validated ``(response, reference, verifier, options, options_key)`` items, in order.
 
         Returns None if ``receive`` (the ASGI receive channel) reports that the client left
-        first; its items still queued are then skipped. Raises ``_ShuttingDown`` or
-        ``_ScorerFailed`` when items cannot be scored.
+        first; its items still queued are then skipped. Raises ``ShuttingDown`` or
+        ``ScorerFailed`` when items cannot be scored.
         """
         if self.draining or self._closed:
-            raise _ShuttingDown()
+            raise ShuttingDown()
         if not items:
             return []
         if self.queued + len(items) > self.settings.max_queued_items:
@@ -381,11 +314,11 @@ class RewardService:
         self.abandon_all()
 
     def abandon_all(self) -> None:
-        """Fail every unanswered item with _ShuttingDown (event loop thread)."""
+        """Fail every unanswered item with ShuttingDown (event loop thread)."""
         for inflight in list(self._inflight):
             for job in inflight.jobs:
                 job.abandoned = True
-                _settle(job.future, None, _ShuttingDown())
+                _settle(job.future, None, ShuttingDown())
 
     def close(self) -> None:
         """Stop every scorer and kill its worker processes; items still running are dropped, so call it once
@@ -407,46 +340,12 @@ class RewardService:
     # ------------------------------------------------------------------ metrics
 
     def render_metrics(self) -> str:
-        m = self.metrics
-        restarts = Counter(m.retired_restarts)
-        workers = 0
+        restarts = Counter(self.metrics.retired_restarts)
         for (verifier, _), scorer in self._scorers.items():
             restarts[verifier] += scorer.restarts
-            workers += len(scorer.pools)
-        lines: list[str] = []
-
-        def family(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
-            lines.append(f"# HELP {name} {help_text}")
-            lines.append(f"# TYPE {name} {kind}")
-            lines.extend(f"{name}{labels} {_number(value)}" for labels, value in samples)
-
-        family("rlkit_reward_requests_total", "counter", "POST /score requests by HTTP status.",
-               [(_labels(code=str(code)), n) for code, n in sorted(m.requests.items())])
-        family("rlkit_reward_items_total", "counter",
-               "Items answered, by verifier and outcome (scored: reward not null).",
-               [(_labels(verifier=v, outcome=o), n) for (v, o), n in sorted(m.items.items())])
-        family("rlkit_reward_item_errors_total", "counter",
-               "Items answered with an error code (no_answer is scorable; the rest are unscorable).",
-               [(_labels(verifier=v, error=e), n) for (v, e), n in sorted(m.item_errors.items())])
-        family("rlkit_reward_timeouts_total", "counter", "Items that hit the per-item timeout.",
-               [(_labels(verifier=v), n) for v, n in sorted(m.timeouts.items())])
-        family("rlkit_reward_worker_restarts_total", "counter", "Worker processes replaced after a timeout or crash.",
-               [(_labels(verifier=v), n) for v, n in sorted(restarts.items())])
-        family("rlkit_reward_items_cancelled_total", "counter",
-               "Items whose client left before they were answered (those still queued are skipped).",
-               [("", m.cancelled_items)])
-        cumulative = [(_labels(le=_number(bound)), n) for bound, n in zip(LATENCY_BUCKETS_S, m.latency_buckets)]
-        lines.append("# HELP rlkit_reward_request_seconds POST /score latency (all statuses).")
-        lines.append("# TYPE rlkit_reward_request_seconds histogram")
-        lines.extend(f"rlkit_reward_request_seconds_bucket{labels} {n}" for labels, n in cumulative)
-        lines.append(f'rlkit_reward_request_seconds_bucket{{le="+Inf"}} {m.latency_count}')
-        lines.append(f"rlkit_reward_request_seconds_sum {_number(m.latency_sum_s)}")
-        lines.append(f"rlkit_reward_request_seconds_count {m.latency_count}")
-        family("rlkit_reward_queued_items", "gauge", "Items waiting or being scored.", [("", self.queued)])
-        family("rlkit_reward_inflight_requests", "gauge", "Requests being scored.", [("", len(self._inflight))])
-        family("rlkit_reward_pools", "gauge", "Live (verifier, options) configurations.", [("", len(self._scorers))])
-        family("rlkit_reward_workers", "gauge", "Verifier worker processes configured.", [("", workers)])
-        return "\n".join(lines) + "\n"
+        workers = sum(len(scorer.pools) for scorer in self._scorers.values())
+        return self.metrics.render(restarts, {"queued_items": self.queued, "inflight_requests": len(self._inflight),
+                                              "pools": len(self._scorers), "workers": workers})
 
     def pools(self) -> list[dict]:
         return [dict(verifier=v, options=json.loads(k), workers=len(s.pools)) for (v, k), s in self._scorers.items()]
@@ -456,272 +355,3 @@ async def _wait_disconnect(receive) -> None:
     """Return once the client disconnects (the request body has been read already)."""
     while (await receive())["type"] != "http.disconnect":
         pass
-
-
-def _labels(**labels: str) -> str:
-    return "{" + ",".join(f'{key}="{_escape_label(value)}"' for key, value in labels.items()) + "}"
-
-
-def _escape_label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _number(value: float) -> str:
-    return repr(float(value)) if isinstance(value, float) else str(value)
-
-
-# --------------------------------------------------------------------------- request parsing
-
-
-def _json_type(value: object) -> str:
-    return "null" if value is None else _JSON_TYPES.get(type(value), type(value).__name__)
-
-
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing (413) past ``limit`` bytes without reading further."""
-    too_big = Refusal(413, f"request body exceeds {limit} bytes (--max-request-bytes); send fewer or shorter items "
-                           f"per request (the client's batch_size)")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise too_big
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_big
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def parse_json(body: bytes) -> object:
-    """Decoded JSON, or a 400 naming what is wrong with the bytes."""
-    if not body.strip():
-        raise Refusal(400, 'empty request body; send JSON {"verifier": ..., "items": [...]}')
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise Refusal(400, f"request body is not valid UTF-8 (bad byte at offset {err.start}); "
-                           f"encode the JSON as UTF-8")
-    try:
-        return json.loads(text, parse_constant=_reject_constant)
-    except json.JSONDecodeError as err:
-        raise Refusal(400, f"malformed JSON: {err.msg} at line {err.lineno} column {err.colno}")
-    except ValueError as err:
-        raise Refusal(400, f"malformed JSON: {err}")
-    except RecursionError:
-        raise Refusal(400, "malformed JSON: nested too deeply")
-
-
-def parse_items(payload: object, service: RewardService) -> tuple[list[tuple[str, str, str, dict, str]], tuple | None]:
-    """Validate a /score payload into ``(response, reference, verifier, options, options_key)`` items,
-    and the top-level ``(verifier, options, options_key)`` default (None if the request names none).
-
-    Refuses with 422 (wrong shape or types, unknown verifier, bad options) or 413 (limits).
-    """
-    settings = service.settings
-    if not isinstance(payload, dict):
-        raise Refusal(422, f'request body must be a JSON object {{"items": [...]}}, got {_json_type(payload)}')
-    _check_fields(payload, _TOP_FIELDS, "request")
-    if "items" not in payload:
-        raise Refusal(422, 'request has no "items"; send '
-                           '{"verifier": "math", "items": [{"response": ..., "reference": ...}]}')
-    items = payload["items"]
-    if not isinstance(items, list):
-        raise Refusal(422, f'"items" must be an array, got {_json_type(items)}')
-    if len(items) > settings.max_items:
-        raise Refusal(413, f"{len(items)} items in one request; the limit is {settings.max_items} (--max-items); "
-                           f"split the batch (the client's batch_size)")
-    default_verifier = payload.get("verifier")
-    default_options = payload.get("options", {})
-    if default_verifier is not None and not isinstance(default_verifier, str):
-        raise Refusal(422, f'"verifier" must be a string, got {_json_type(default_verifier)}')
-    if not isinstance(default_options, dict):
-        raise Refusal(422, f'"options" must be an object, got {_json_type(default_options)}')
-    default_key = json.dumps(default_options, sort_keys=True)
-    checked: set[tuple[str, str]] = set()
-    default = None
-    if default_verifier is not None:
-        service.check_verifier(default_verifier, default_options, "request")
-        checked.add((default_verifier, default_key))
-        default = (default_verifier, default_options, default_key)
-
-    parsed = []
-    for i, item in enumerate(items):
-        where = f"items[{i}]"
-        if not isinstance(item, dict):
-            raise Refusal(422, f"{where} must be an object with response and reference, got {_json_type(item)}")
-        _check_fields(item, _ITEM_FIELDS, where)
-        texts = []
-        for name in ("response", "reference"):
-            if name not in item:
-                raise Refusal(422, f'{where} has no "{name}"')
-            text = item[name]
-            if not isinstance(text, str):
-                raise Refusal(422, f'{where}.{name} must be a string, got {_json_type(text)}')
-            if len(text) > settings.max_chars:
-                raise Refusal(413, f"{where}.{name} has {len(text)} characters; the limit is {settings.max_chars} "
-                                   f"(--max-chars); truncate it or raise the service's limit")
-            texts.append(text)
-        verifier = item.get("verifier", default_verifier)
-        if verifier is None:
-            raise Refusal(422, f'{where} names no verifier; give "verifier" in the item or at the top level')
-        if not isinstance(verifier, str):
-            raise Refusal(422, f'{where}.verifier must be a string, got {_json_type(verifier)}')
-        if "options" in item:
-            options = item["options"]
-            if not isinstance(options, dict):
-                raise Refusal(422, f"{where}.options must be an object, got {_json_type(options)}")
-            key = json.dumps(options, sort_keys=True)
-        else:
-            options, key = default_options, default_key
-        if (verifier, key) not in checked:
-            service.check_verifier(verifier, options, where)
-            checked.add((verifier, key))
-            if len(checked) > settings.max_pools:
-                raise Refusal(422, f"{where}: the request names more than {settings.max_pools} (verifier, options) "
-                                   f"configurations (--max-pools); split it by configuration")
-        parsed.append((texts[0], texts[1], verifier, options, key))
-    return parsed, default
-
-
-def _check_fields(obj: dict, allowed: tuple[str, ...], where: str) -> None:
-    unknown = sorted(set(obj) - set(allowed))
-    if unknown:
-        raise Refusal(422, f"{where} has unknown field(s) {unknown}; allowed: {', '.join(allowed)}")
-
-
-def render_results(scores: list[Score]) -> bytes:
-    results = [dict(reward=s.reward, correct=s.correct, extracted=s.extracted, error=s.error) for s in scores]
-    # ASCII-only output: an extracted answer may hold a lone surrogate from a JSON "\ud800" escape.
-    return json.dumps({"results": results}, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
-
-
-# --------------------------------------------------------------------------- HTTP
-
-
-def _json_response(status: int, content: dict, headers: dict[str, str] | None = None) -> Response:
-    body = json.dumps(content, ensure_ascii=True).encode()
-    return Response(body, status_code=status, media_type="application/json", headers=headers)
-
-
-def _check_host(request: Request, allowed: tuple[str, ...]) -> None:
-    """Refuse (403) a Host header outside ``allowed`` (when it is not empty): DNS rebinding."""
-    given = request.headers.get("host", "")
-    name = given[: given.find("]") + 1] if given.startswith("[") else given.partition(":")[0]
-    if allowed and name.lower() not in allowed:
-        raise Refusal(403, f"Host {given[:100]!r} is not one this service answers to ({', '.join(allowed)}): a web "
-                           f"page may be reaching it through DNS rebinding; address it as http://127.0.0.1:PORT")
-
-
-def _check_content_type(request: Request) -> None:
-    """Refuse (415) a POST whose body is not declared JSON: a web page may send text/plain or form bodies
-    to any port without the browser asking first, but not application/json."""
-    given = request.headers.get("content-type", "")
-    if given.split(";", 1)[0].strip().lower() != "application/json":
-        raise Refusal(415, f"Content-Type must be application/json, got {given[:100]!r}; send the JSON body with "
-                           f"'Content-Type: application/json'")
-
-
-def _peer(request: Request) -> str:
-    return f"{request.client.host}:{request.client.port}" if request.client else "unknown client"
-
-
-def _authorized(request: Request, token: str | None) -> bool:
-    if token is None:
-        return True
-    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(credentials.strip().encode("latin-1"), token.encode())
-
-
-_UNAUTHORIZED = ("missing or wrong bearer token: send 'Authorization: Bearer <token>' with the token the "
-                 "service was started with (--token-env)")
-
-
-def create_app(settings: ServiceSettings) -> Starlette:
-    """The ASGI app; ``app.state.service`` is its ``RewardService``. Run it with ``rlkit.reward.serve``.
-
-    Starlette (FastAPI's core) rather than FastAPI: requests are validated by hand, so that
-    every refusal names the field and the fix, which leaves FastAPI nothing to do but add
-    0.4 s of imports.
-    """
-    service = RewardService(settings)
-
-    @asynccontextmanager
-    async def lifespan(app: Starlette):
-        service.preload()
-        try:
-            yield
-        finally:
-            service.draining = True
-            service.abandon_all()
-            await asyncio.get_running_loop().run_in_executor(None, service.close)
-
-    async def score(request: Request) -> Response:
-        start = time.perf_counter()
-        status, content, headers = 200, None, None
-        try:
-            _check_host(request, settings.allowed_hosts)
-            if not _authorized(request, settings.token):
-                raise Refusal(401, _UNAUTHORIZED, {"WWW-Authenticate": "Bearer"})
-            if service.draining:
-                raise _ShuttingDown()
-            _check_content_type(request)
-            items, default = parse_items(parse_json(await read_body(request, settings.max_request_bytes)), service)
-            if not items and default is not None:
-                service.scorer(*default)  # a client's check(): start the workers now
-            scores = await service.score(items, request.receive)
-            if scores is None:  # the client left; nobody reads this answer
-                status = 499
-                log.info("client %s left before its %d item(s) were scored; its queued items are skipped",
-                         _peer(request), len(items))
-                return Response(status_code=status)
-            for verifier in {item[2] for item in items}:
-                service.metrics.observe_scores(verifier, [s for s, item in zip(scores, items) if item[2] == verifier])
-            return Response(render_results(scores), media_type="application/json")
-        except Refusal as refusal:
-            status, content, headers = refusal.status, {"detail": refusal.detail}, refusal.headers
-        except _ShuttingDown:
-            status, content = 503, {"detail": "service is shutting down; retry against a running instance"}
-            headers = {"Retry-After": "1"}
-        except _ScorerFailed as err:
-            status, content = 500, {"detail": f"{err}; see the service's log for the worker's traceback"}
-        except ClientDisconnect:
-            status, reason = request.scope.get(CLOSED_BY_SERVER, (499, "the client closed the connection"))
-            log.info("request from %s ended before its body arrived: %s", _peer(request), reason)
-            return Response(status_code=status)  # nobody reads it
-        except BaseException:
-            status = 500  # a bug or a cancellation: counted, then left to Starlette/uvicorn
-            raise
-        finally:
-            service.metrics.observe_request(status, time.perf_counter() - start)
-        return _json_response(status, content, headers)
-
-    async def health(request: Request) -> Response:
-        return _json_response(200, {"status": "ok"})
-
-    async def ready(request: Request) -> Response:
-        if service.draining:
-            return _json_response(503, {"status": "shutting_down"})
-        return _json_response(200, {"status": "ready", "verifiers": list(service.verifiers), "pools": service.pools(),
-                                    "queued_items": service.queued, "workers_per_pool": settings.workers})
-
-    async def metrics(request: Request) -> Response:
-        try:
-            _check_host(request, settings.allowed_hosts)
-        except Refusal as refusal:
-            return _json_response(refusal.status, {"detail": refusal.detail})
-        if not _authorized(request, settings.token):
-            return _json_response(401, {"detail": _UNAUTHORIZED}, {"WWW-Authenticate": "Bearer"})
-        return Response(service.render_metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    app = Starlette(
-        routes=[Route("/score", score, methods=["POST"]), Route("/health", health, methods=["GET"]),
-                Route("/ready", ready, methods=["GET"]), Route("/metrics", metrics, methods=["GET"])],
-        lifespan=lifespan,
-    )
-    app.state.service = service
-    return app
