@@ -181,7 +181,8 @@ def validate(cfg: DictConfig) -> None:
     """Refuse configs that cannot train correctly, before anything heavy starts."""
     from rlkit.algorithms import AGGREGATIONS
     from rlkit.rollout import ENGINES, engine_target
-    from rlkit.reward.verifiers import VERIFIERS, check_options
+    from rlkit.reward.verifier_options import check_options
+    from rlkit.reward.verifiers import VERIFIERS
 
     _check_known_keys(cfg)
     a, r, t = cfg.algorithm, cfg.rollout, cfg.trainer

@@ -12,7 +12,7 @@ import pytest
 
 from rlkit.reward import Score, VerifierPool, score_one
 from rlkit.reward.pool import _OWN_DEADLINE_MARGIN_S
-from rlkit.reward.verifiers import check_options
+from rlkit.reward.verifier_options import check_options
 
 BEHAVE = "verifier_fixtures:behave"  # tests/verifier_fixtures.py; its response text picks a failure mode
 

@@ -34,7 +34,8 @@ from collections import deque
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 
-from rlkit.reward.verifiers import VERIFIERS, Score, check_options, score_one
+from rlkit.reward.verifier_options import check_options
+from rlkit.reward.verifiers import VERIFIERS, Score, score_one
 
 # The worker's whole command line: everything else arrives over the connection.
 _BOOTSTRAP = "import sys; from rlkit.reward.pool import _worker_main; _worker_main(int(sys.argv[1]), int(sys.argv[2]))"

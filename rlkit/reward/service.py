@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from rlkit.reward.pool import VerifierPool
 from rlkit.reward.requests import Refusal
 from rlkit.reward.service_metrics import ServiceMetrics
-from rlkit.reward.verifiers import VERIFIERS, Score, check_options
+from rlkit.reward.verifier_options import check_options
+from rlkit.reward.verifiers import VERIFIERS, Score
 
 log = logging.getLogger("rlkit.reward.service")
 
