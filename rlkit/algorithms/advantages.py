@@ -17,51 +17,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rlkit.algorithms.groups import check_group_inputs, group_index, group_range
+from rlkit.algorithms.groups import GroupStats, check_estimator_options, check_group_inputs
 from rlkit.registry import Registry
 
 ADVANTAGES: Registry = Registry("advantage estimator", inputs=("rewards", "group_ids", "response_mask", "scorable"))
-
-SINGLETON_MODES = ("zero", "reward")
-
-
-class _Groups:
-    """Per-sample views of the scorable group statistics: counts n_i, sums S_i, rewards r (0 if unscorable)."""
-
-    def __init__(self, rewards: Tensor, group_ids: Tensor, scorable: Tensor, tol: float):
-        inverse, num_groups = group_index(group_ids)
-        self.scorable = scorable
-        self.inverse = inverse
-        self.num_groups = num_groups
-        self.r = torch.where(scorable, rewards.to(torch.float64), 0.0)
-        self.n = self.per_sample(scorable.to(torch.float64))
-        self.total = self.per_sample(self.r)
-        self.flat = (group_range(rewards, inverse, num_groups, scorable) <= tol)[inverse]
-
-    def per_sample(self, values: Tensor) -> Tensor:
-        """Sum `values` [B] within each group and hand every sample its group's sum [B]."""
-        sums = torch.zeros(self.num_groups, dtype=values.dtype, device=values.device)
-        return sums.index_add(0, self.inverse, values)[self.inverse]
-
-    def finish(self, advantage: Tensor, singleton: str, response_mask: Tensor) -> Tensor:
-        """Apply the shared rules to per-sample advantages [B] and spread them over the tokens -> [B,T]."""
-        advantage = torch.where(self.flat, 0.0, advantage)
-        if singleton == "reward":
-            advantage = torch.where(self.n == 1, self.r, advantage)
-        advantage = torch.where(self.scorable, advantage, 0.0)
-        return advantage.to(torch.float32)[:, None] * response_mask.to(torch.float32)
-
-
-def _check_options(rewards: Tensor, response_mask: Tensor, singleton: str, tol: float) -> None:
-    if response_mask.dim() != 2 or response_mask.shape[0] != rewards.shape[0]:
-        raise ValueError(
-            f"response_mask must be [B,T] with B={rewards.shape[0]} (len(rewards)), got {tuple(response_mask.shape)}"
-        )
-    if singleton not in SINGLETON_MODES:
-        raise ValueError(f"singleton must be one of {SINGLETON_MODES}, got {singleton!r}")
-    if tol < 0:
-        raise ValueError(f"tol must be >= 0, got {tol}")
-
 
 @ADVANTAGES.register("grpo", needs_groups=True)
 def grpo(
@@ -79,11 +38,11 @@ def grpo(
 
     rewards [B], group_ids [B], response_mask [B,T], scorable [B] or None -> [B,T] float32.
     """
-    _check_options(rewards, response_mask, singleton, tol)
+    check_estimator_options(rewards, response_mask, singleton, tol)
     if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     scorable = check_group_inputs(rewards, group_ids, scorable)
-    groups = _Groups(rewards, group_ids, scorable, tol)
+    groups = GroupStats(rewards, group_ids, scorable, tol)
     centred = torch.where(scorable, groups.r - groups.total / groups.n.clamp(min=1), 0.0)
     advantage = centred
     if norm_by_std:
@@ -122,8 +81,8 @@ def rloo(
 
     rewards [B], group_ids [B], response_mask [B,T], scorable [B] or None -> [B,T] float32.
     """
-    _check_options(rewards, response_mask, singleton, tol)
+    check_estimator_options(rewards, response_mask, singleton, tol)
     scorable = check_group_inputs(rewards, group_ids, scorable)
-    groups = _Groups(rewards, group_ids, scorable, tol)
+    groups = GroupStats(rewards, group_ids, scorable, tol)
     others = (groups.total - groups.r) / (groups.n - 1).clamp(min=1)
     return groups.finish(groups.r - others, singleton, response_mask)

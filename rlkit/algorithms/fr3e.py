@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rlkit.algorithms.advantages import ADVANTAGES, _Groups, _check_options
+from rlkit.algorithms.advantages import ADVANTAGES
+from rlkit.algorithms.groups import GroupStats, check_estimator_options
 from rlkit.algorithms.groups import check_group_inputs
 
 
@@ -82,12 +83,12 @@ def fr3e(
         raise ValueError("base_ids/state_index: the fr3e estimator needs the branch keys the fr3e sampler adds to "
                          "RolloutBatch.estimator_inputs. Fix: set algorithm.sampler=fr3e (from Python: pass "
                          "base_ids= and state_index=)")
-    _check_options(rewards, response_mask, "zero", tol)
+    check_estimator_options(rewards, response_mask, "zero", tol)
     if sharpen is not None and sharpen <= 0:
         raise ValueError(f"sharpen: must be > 0 or None, got {sharpen}. Fix: 1.5 (the released code) or null (off)")
     scorable = check_group_inputs(rewards, group_ids, scorable)
     _check_keys(group_ids, base_ids, state_index)
-    groups = _Groups(rewards, group_ids, scorable, tol)
+    groups = GroupStats(rewards, group_ids, scorable, tol)
     centred = torch.where(scorable, groups.r - groups.total / groups.n.clamp(min=1), 0.0)
 
     keys, states = torch.stack([base_ids, state_index], 1).unique(dim=0, return_inverse=True)  # sorted (base, j)

@@ -64,3 +64,45 @@ def zero_variance_groups(
     # One scorable sample spans 0 and none spans -inf, so both pass the test below.
     flat = group_range(rewards, inverse, num_groups, scorable) <= tol
     return flat[inverse]
+
+
+SINGLETON_MODES = ("zero", "reward")
+
+
+class GroupStats:
+    """Per-sample views of the scorable group statistics: counts n_i, sums S_i, rewards r (0 if unscorable)."""
+
+    def __init__(self, rewards: Tensor, group_ids: Tensor, scorable: Tensor, tol: float):
+        inverse, num_groups = group_index(group_ids)
+        self.scorable = scorable
+        self.inverse = inverse
+        self.num_groups = num_groups
+        self.r = torch.where(scorable, rewards.to(torch.float64), 0.0)
+        self.n = self.per_sample(scorable.to(torch.float64))
+        self.total = self.per_sample(self.r)
+        self.flat = (group_range(rewards, inverse, num_groups, scorable) <= tol)[inverse]
+
+    def per_sample(self, values: Tensor) -> Tensor:
+        """Sum `values` [B] within each group and hand every sample its group's sum [B]."""
+        sums = torch.zeros(self.num_groups, dtype=values.dtype, device=values.device)
+        return sums.index_add(0, self.inverse, values)[self.inverse]
+
+    def finish(self, advantage: Tensor, singleton: str, response_mask: Tensor) -> Tensor:
+        """Apply the shared rules to per-sample advantages [B] and spread them over the tokens -> [B,T]."""
+        advantage = torch.where(self.flat, 0.0, advantage)
+        if singleton == "reward":
+            advantage = torch.where(self.n == 1, self.r, advantage)
+        advantage = torch.where(self.scorable, advantage, 0.0)
+        return advantage.to(torch.float32)[:, None] * response_mask.to(torch.float32)
+
+
+def check_estimator_options(rewards: Tensor, response_mask: Tensor, singleton: str, tol: float) -> None:
+    """The options every group estimator shares: response_mask [B,T], singleton mode, flat-group tolerance."""
+    if response_mask.dim() != 2 or response_mask.shape[0] != rewards.shape[0]:
+        raise ValueError(
+            f"response_mask must be [B,T] with B={rewards.shape[0]} (len(rewards)), got {tuple(response_mask.shape)}"
+        )
+    if singleton not in SINGLETON_MODES:
+        raise ValueError(f"singleton must be one of {SINGLETON_MODES}, got {singleton!r}")
+    if tol < 0:
+        raise ValueError(f"tol must be >= 0, got {tol}")

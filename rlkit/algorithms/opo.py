@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rlkit.algorithms.advantages import ADVANTAGES, _check_options, _Groups
+from rlkit.algorithms.advantages import ADVANTAGES
+from rlkit.algorithms.groups import GroupStats, check_estimator_options
 from rlkit.algorithms.groups import check_group_inputs
 
 
@@ -30,9 +31,9 @@ def opo(
     len_j = Σ_t response_mask[j,t]; a group whose scorable lengths sum to 0 uses the plain mean.
     rewards [B], group_ids [B], response_mask [B,T], scorable [B] or None -> [B,T] float32.
     """
-    _check_options(rewards, response_mask, singleton, tol)
+    check_estimator_options(rewards, response_mask, singleton, tol)
     scorable = check_group_inputs(rewards, group_ids, scorable)
-    groups = _Groups(rewards, group_ids, scorable, tol)
+    groups = GroupStats(rewards, group_ids, scorable, tol)
     lengths = torch.where(scorable, response_mask.to(torch.float64).sum(-1), 0.0)
     weight = groups.per_sample(lengths)
     weighted = groups.per_sample(lengths * groups.r) / weight.clamp(min=1)  # lengths are whole numbers
