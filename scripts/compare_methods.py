@@ -6,7 +6,8 @@ Each method is a training run (`python -m rlkit.train`) with the same seed, data
 `trainer.max_generated_tokens` (every token the engine generated counts, also FR3E's base trajectories
 and Critique-GRPO's critiques); then `python -m rlkit.eval` on its final policy: greedy accuracy on the
 arithmetic test split and pass@1/pass@4/maj@4 at temperature 1. Writes <out>/summary.json and
-<out>/curves.png (reward, response length, entropy, rejected fraction against generated tokens).
+<out>/curves.png (reward, response length, entropy, prompts solved, CAPO's rejected fraction and the policy
+shift per step, against generated tokens); `--plot RUN...` redraws the figure for some finished runs.
 """
 from __future__ import annotations
 
@@ -26,8 +27,12 @@ METHODS: dict[str, list[str]] = {
     "fr3e": ["+recipe=fr3e"],
     "critique_grpo": ["+recipe=critique_grpo"],
 }
-PANELS = (("reward/mean", "reward"), ("response/length_mean", "response length (tokens)"),
-          ("actor/entropy", "entropy (nats/token)"), ("capo/rejected_frac", "CAPO rejected fraction"))
+PANELS = (("reward/mean", "reward of fresh samples"), ("response/length_mean", "response length (tokens)"),
+          ("actor/entropy", "entropy (nats/token)"), ("reward/prompts_solved_frac", "prompts with >= 1 correct sample"),
+          ("capo/rejected_frac", "CAPO rejected fraction"), ("actor/policy_shift_k3", "policy shift per step (k3)"))
+# Methods whose reward/mean also covers samples that are not fresh draws from the question: their
+# comparable reward is that of the first samples (FR3E's base responses, Critique-GRPO's initial ones).
+FRESH_REWARD = {"fr3e": "fr3e/base_reward_mean", "critique_grpo": "critique/initial_accuracy"}
 
 
 def _run(args: list[str], log: Path) -> float:
@@ -58,25 +63,25 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
 
 
-def plot(out: Path, names: list[str]) -> Path:
+def plot(out: Path, names: list[str], path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    fig, axes = plt.subplots(2, 3, figsize=(15, 7))
     for ax, (key, title) in zip(axes.flat, PANELS):
         for name in names:
-            rows = [m for m in read_metrics(out / name) if key in m and "rollout/generated_tokens_total" in m]
+            method_key = FRESH_REWARD.get(name.split("@")[0], key) if key == "reward/mean" else key
+            rows = [m for m in read_metrics(out / name) if method_key in m and "rollout/generated_tokens_total" in m]
             if rows:
-                ax.plot([m["rollout/generated_tokens_total"] for m in rows], [m[key] for m in rows],
+                ax.plot([m["rollout/generated_tokens_total"] for m in rows], [m[method_key] for m in rows],
                         marker=".", label=name)
         ax.set_title(title)
         ax.set_xlabel("generated tokens")
         ax.grid(alpha=0.3)
     axes.flat[0].legend()
     fig.tight_layout()
-    path = out / "curves.png"
     fig.savefig(path, dpi=110)
     return path
 
@@ -92,8 +97,14 @@ def main() -> None:
     parser.add_argument("--extra", nargs="*", default=[], help="overrides added to every method's run")
     parser.add_argument("--lr", action="append", default=[], metavar="NAME=LR",
                         help="a run NAME@LR of method NAME at this learning rate (e.g. grpo=1e-4)")
+    parser.add_argument("--plot", nargs="+", metavar="RUN", help="only plot these finished runs (no training)")
+    parser.add_argument("--plot-out", type=Path, help="the figure's path (default <out>/curves.png)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    figure = args.plot_out or args.out / "curves.png"
+    if args.plot:
+        print("plot:", plot(args.out, args.plot, figure))
+        return
     runs = {name: METHODS[name] for name in args.methods}
     for spec in args.lr:
         name, lr = spec.split("=")
@@ -116,7 +127,7 @@ def main() -> None:
                          "eval": evaluate(name, args.out, args.eval_limit, args.sampled_limit)}
         summary_path.write_text(json.dumps(summary, indent=1) + "\n")
         print(name, json.dumps(summary[name]), flush=True)
-    print("plot:", plot(args.out, list(summary)))
+    print("plot:", plot(args.out, list(summary), figure))
 
 
 if __name__ == "__main__":
