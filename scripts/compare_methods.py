@@ -88,7 +88,8 @@ def plot(out: Path, names: list[str], path: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), help=f"any of {list(METHODS)}")
+    parser.add_argument("--methods", nargs="*", default=list(METHODS),
+                        help=f"any of {list(METHODS)} (none: only the --lr runs)")
     parser.add_argument("--budget", type=int, default=12000, help="generated tokens per run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-limit", type=int, default=200, help="arithmetic test prompts, greedy")
