@@ -215,6 +215,21 @@ def test_zero_advantage_tokens_are_kept_by_the_adam_model(symmetric):
     assert (m_f > 1e-12).all()  # the thresholds alone would have rejected them
 
 
+def test_adam_model_keeps_a_micro_batch_whose_advantages_are_all_zero():
+    """After a step (moments exist), a micro-batch of flat groups only (no token to judge) is kept whole.
+    Regression: the empty selection once failed to reshape (a CAPO run at lr 3e-4 crashed at step 2)."""
+    inputs = _inputs()
+    mask = CapoMask(top_k=5, tau_h=INF, tau_f=INF)
+    mask(inputs)
+    mask.after_optimizer_step()
+    assert len(mask.rows) > 0
+    mask.tau_h = mask.tau_f = 1e-12
+    inputs.advantages = torch.zeros_like(inputs.advantages)
+    assert torch.equal(mask(inputs), inputs.mask)
+    mask.after_optimizer_step()
+    assert mask.step == 2
+
+
 def test_adam_state_round_trips():
     inputs, later = _inputs(seed=0), _inputs(seed=1)
     first = CapoMask(top_k=5, tau_h=0.05)

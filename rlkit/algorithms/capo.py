@@ -220,7 +220,7 @@ class CapoMask:
         """The moments of rows `ids` [n,k] -> two [n,k,d] tensors, zeros for rows never updated."""
         pos = torch.searchsorted(self.rows, ids).clamp(max=len(self.rows) - 1)
         pos = torch.where(self.rows[pos] == ids, pos, len(self.rows)).reshape(-1)  # else the zero row
-        return tuple(m.index_select(0, pos).view(*ids.shape, -1) for m in self._moments_of_rows)
+        return tuple(m.index_select(0, pos).view(*ids.shape, m.shape[-1]) for m in self._moments_of_rows)
 
     def after_optimizer_step(self) -> None:
         """One Adam step of the model's moments with the mean accepted gradient per row (rows it saw only)."""
