@@ -18,6 +18,7 @@ from rlkit.reward.extract import (
     reference_parts,
     split_list,
     standalone_numbers,
+    unevaluated_arithmetic,
     unescape_boxes,
     unwrap_math,
 )
@@ -492,3 +493,28 @@ def test_score_is_frozen_and_picklable():
     assert pickle.loads(pickle.dumps(score)) == score
     with pytest.raises(AttributeError):
         score.reward = 0.0
+
+
+@pytest.mark.parametrize("text", ["16 + 20", "(18 + 4)", "2 \\times 3", "99^2 + 99 + 1", "99^{2}+99+1", "19 - 7 =",
+                                  "-3 - 4", "$8 \\cdot 2$", "6 / 3 + 1"])
+def test_unevaluated_arithmetic_is_a_computation_left_undone(text):
+    assert unevaluated_arithmetic(text)
+
+
+@pytest.mark.parametrize("text", ["36", "-5", "3.5", "1,000", "3/4", "-3/4", "\\frac{3}{4}", "11\\sqrt{2}", "x + 1",
+                                  "2\\pi", "10^{-3}x", "1, 2", ""])
+def test_final_forms_are_not_unevaluated(text):
+    assert not unevaluated_arithmetic(text)
+
+
+@pytest.mark.parametrize("response", ["16 + 20 = = = =", "What is 16 + 20? 16 + 20", "\\boxed{16 + 20}", "$16+20$"])
+def test_restating_the_question_is_not_an_answer(response):
+    """A policy trained on "What is 16 + 20?" learned to answer "16 + 20 =" (math-verify evaluates it to 36)."""
+    score = score_one("math", response, "36")
+    assert (score.reward, score.correct, score.error) == (0.0, False, None) and "16" in score.extracted
+    assert score_one("math", response, "36", {"accept_unevaluated": True}).correct
+
+
+def test_unevaluated_answer_counts_when_the_reference_is_written_the_same_way():
+    assert score_one("math", "\\boxed{2^{10}}", "2^{10}").correct
+    assert score_one("math", "16 + 20 = 36", "36").correct and score_one("math", "\\boxed{36}", "36").correct

@@ -230,3 +230,22 @@ def normalize_number(s: str) -> float | None:
         return None
     value = float(cleaned.replace(",", ""))
     return value if math.isfinite(value) else None
+
+
+_LITERAL = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)"
+_OPERATOR = r"(?:[-+*/^\u00d7\u00f7\u2212\u22c5]|\\times|\\cdot|\\div)"
+_UNDONE = re.compile(rf"{_LITERAL}(?:{_OPERATOR}{_LITERAL})+")
+_FRACTION = re.compile(rf"{_LITERAL}/{_LITERAL}")
+
+
+def unevaluated_arithmetic(answer: str) -> bool:
+    """Whether ``answer`` is arithmetic on number literals left undone: ``"16 + 20"``, ``"(18 + 4)"``,
+    ``"2 \\times 3"``, ``"99^2 + 99 + 1"``, ``"19 - 7 ="``. Such an answer restates a computation
+    instead of giving its result (a policy that echoes "What is 16 + 20?" as ``16 + 20`` would
+    otherwise be scored right, since math-verify evaluates it). Final forms are not: ``"36"``,
+    ``"-5"``, ``"3/4"`` (a plain fraction), ``"\\frac{3}{4}"``, ``"11\\sqrt{2}"``, ``"x + 1"``.
+    """
+    text = answer.strip().strip("$").rstrip("=. ")
+    for junk in ("\\left", "\\right", "\\,", "\\!", " ", "(", ")", "{", "}"):
+        text = text.replace(junk, "")
+    return bool(_UNDONE.fullmatch(text)) and not _FRACTION.fullmatch(text)

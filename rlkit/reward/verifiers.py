@@ -29,6 +29,7 @@ from rlkit.reward.extract import (
     split_list,
     standalone_numbers,
     unescape_boxes,
+    unevaluated_arithmetic,
 )
 from rlkit.reward.verifier_options import check_options
 
@@ -243,6 +244,7 @@ def math_verifier(
     float_rounding: int = 6,
     strict: bool = True,
     allow_set_relation_comp: bool = False,
+    accept_unevaluated: bool = False,
 ) -> Score:
     """math-verify equivalence of the response's final answer with the reference.
 
@@ -262,6 +264,10 @@ def math_verifier(
     float_rounding, strict, allow_set_relation_comp: math-verify's comparison options
         (decimal places kept for floats; variables and set/tuple types must match;
         ``1 < x < 2`` may equal ``(1, 2)``).
+    accept_unevaluated: score an answer that is arithmetic left undone (``16 + 20`` for 36,
+        `rlkit.reward.extract.unevaluated_arithmetic`) by its value. Off by default: such an answer
+        scores 0 (scorable, ``extracted`` shows it) unless the reference is written the same way,
+        since a policy learns to restate the question's expression and math-verify evaluates it.
     """
     config = _extraction_config(targets, tuple(strings))
     gold_parts = reference_parts(reference)
@@ -279,6 +285,10 @@ def math_verifier(
         return Score(None, False, extracted, "bad_reference")
     if not pred:
         return Score(0.0, False, None, "no_answer")
+    answers = parts if boxed is not None else [extracted or ""]
+    if not accept_unevaluated and any(map(unevaluated_arithmetic, answers)) and not any(
+            map(unevaluated_arithmetic, gold_parts)):
+        return Score(0.0, False, extracted, None)
     options = {"float_rounding": float_rounding, "strict": strict, "allow_set_relation_comp": allow_set_relation_comp}
     correct = _equivalent(gold, pred, options)
     return Score(1.0 if correct else 0.0, correct, extracted, None)
