@@ -61,9 +61,10 @@ def test_math_pool_matches_in_process_scoring_in_input_order(math_pool):
 
 def test_math_pool_times_out_a_real_math_verify_hang(math_pool):
     before = dict(math_pool.stats)
-    # sympy evaluates 9^(9^9) exactly: math-verify runs for minutes without an outside timeout
+    # sympy evaluates 9^(9^9) exactly: math-verify runs for minutes without an outside timeout (inside a root,
+    # since bare arithmetic on literals is refused before math-verify sees it)
     start = time.monotonic()
-    results = math_pool.score(["\\boxed{9^{9^{9}}}", "\\boxed{2}"], ["2", "2"])
+    results = math_pool.score(["\\boxed{\\sqrt{9^{9^{9}}}}", "\\boxed{2}"], ["2", "2"])
     assert time.monotonic() - start < 2.0 + 3.0  # the 2 s item timeout plus kill and bookkeeping
     assert results == [Score(None, False, None, "timeout"), Score(1.0, True, "2", None)]
     delta = {k: math_pool.stats[k] - before[k] for k in before}
@@ -205,7 +206,7 @@ from rlkit.reward import VerifierPool
 pool = VerifierPool("math", num_workers=1, timeout_s=600)
 pool.score(["\\\\boxed{1}"], ["1"])  # the worker is up
 print("scoring", flush=True)
-pool.score(["\\\\boxed{9^{9^{9^{9}}}}"], ["1"])  # sympy computes this in one C call, holding the GIL
+pool.score(["\\\\boxed{\\\\sqrt{9^{9^{9^{9}}}}}"], ["1"])  # sympy computes this in one C call, holding the GIL
 """
 
 

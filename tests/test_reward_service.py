@@ -259,7 +259,7 @@ def test_sympy_hang_times_out_alone_and_worker_is_replaced(fast):
     timeouts, restarts = (_metric(url, f'rlkit_reward_{name}_total{{verifier="math"}}')
                           for name in ("timeouts", "worker_restarts"))
     start = time.monotonic()
-    hang = {"response": "\\boxed{9^{9^{9^{9}}}}", "reference": "1", "verifier": "math"}
+    hang = {"response": "\\boxed{\\sqrt{9^{9^{9^{9}}}}}", "reference": "1", "verifier": "math"}
     fine = [{"response": str(i), "reference": "1", "verifier": BEHAVE} for i in range(2)]
     # sympy would evaluate 9^(9^(9^9)) for hours: only the outside timeout ends it
     answer = _post(url, {"items": [fine[0], hang, fine[1]]})
