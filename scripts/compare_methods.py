@@ -48,12 +48,14 @@ def train(name: str, overrides: list[str], budget: int, seed: int, out: Path, ex
                  f"logging.output_dir={out}", f"logging.run_name={name}", *extra], out / f"{name}.train.log")
 
 
-def evaluate(name: str, out: Path, limit: int, sampled_limit: int) -> dict:
+def evaluate(name: str, out: Path, limit: int, sampled_limit: int, trained: bool = True) -> dict:
+    """Evaluate run `name`'s final policy, or the configured base model when not `trained`."""
+    model = [f"model.path={out / name / 'final'}"] if trained else []
     results = {}
     for mode, count, overrides in (("greedy", limit, ["eval.temperature=0", "eval.n=1", "eval.k=[1]"]),
                                    ("sampled", sampled_limit, ["eval.temperature=1.0", "eval.n=4", "eval.k=[1,4]"])):
         target = out / f"{name}.eval.{mode}"
-        _run(["-m", "rlkit.eval", f"model.path={out / name / 'final'}", "eval.benchmarks=[arithmetic]",
+        _run(["-m", "rlkit.eval", *model, "eval.benchmarks=[arithmetic]",
               f"eval.limit={count}", f"eval.output_dir={target}", *overrides], out / f"{name}.eval.{mode}.log")
         results[mode] = json.loads((target / "eval.json").read_text())["metrics"]["arithmetic"]
     return results
@@ -98,6 +100,7 @@ def main() -> None:
     parser.add_argument("--extra", nargs="*", default=[], help="overrides added to every method's run")
     parser.add_argument("--lr", action="append", default=[], metavar="NAME=LR",
                         help="a run NAME@LR of method NAME at this learning rate (e.g. grpo=1e-4)")
+    parser.add_argument("--base", action="store_true", help="also evaluate the untrained model (as run 'base')")
     parser.add_argument("--plot", nargs="+", metavar="RUN", help="only plot these finished runs (no training)")
     parser.add_argument("--plot-out", type=Path, help="the figure's path (default <out>/curves.png)")
     args = parser.parse_args()
@@ -112,6 +115,10 @@ def main() -> None:
         runs[f"{name}@{lr}"] = [*METHODS[name], f"trainer.lr={lr}"]
     summary_path = args.out / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    if args.base and "base" not in summary:
+        summary["base"] = {"eval": evaluate("base", args.out, args.eval_limit, args.sampled_limit, trained=False)}
+        summary_path.write_text(json.dumps(summary, indent=1) + "\n")
+        print("base", json.dumps(summary["base"]), flush=True)
     for name, overrides in runs.items():
         if (args.out / name / "final").is_dir() and name in summary:
             continue  # done by an earlier invocation
@@ -128,7 +135,7 @@ def main() -> None:
                          "eval": evaluate(name, args.out, args.eval_limit, args.sampled_limit)}
         summary_path.write_text(json.dumps(summary, indent=1) + "\n")
         print(name, json.dumps(summary[name]), flush=True)
-    print("plot:", plot(args.out, list(summary), figure))
+    print("plot:", plot(args.out, [name for name in summary if name != "base"], figure))
 
 
 if __name__ == "__main__":
