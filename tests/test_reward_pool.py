@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from rlkit.reward import Score, VerifierPool, score_one
-from rlkit.reward.pool import _OWN_DEADLINE_MARGIN_S
+from rlkit.reward.pool_worker import OWN_DEADLINE_MARGIN_S
 from rlkit.reward.verifier_options import check_options
 
 BEHAVE = "verifier_fixtures:behave"  # tests/verifier_fixtures.py; its response text picks a failure mode
@@ -242,7 +242,7 @@ def test_a_worker_ends_itself_once_an_item_overruns_its_own_deadline():
         worker.conn.send(("hang", "x"))
         start = time.monotonic()
         assert worker.process.wait(10) == -signal.SIGALRM
-        assert 0.5 < time.monotonic() - start < 0.5 + _OWN_DEADLINE_MARGIN_S + 2.0
+        assert 0.5 < time.monotonic() - start < 0.5 + OWN_DEADLINE_MARGIN_S + 2.0
 
 
 def _typed(response: str, reference: str, *, flag: bool = True, digits: int | None = None, scale: float = 1.0,

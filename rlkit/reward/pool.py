@@ -15,15 +15,14 @@ Workers never outlive their parent, even in the middle of a long item: on Linux 
 kills them when the thread that started them ends (``PR_SET_PDEATHSIG``; a pool's workers
 are started by the threads that call it), elsewhere a watcher thread in the worker notices
 the new parent. As a last line of defence each worker ends itself (SIGALRM, default action)
-once an item runs ``_OWN_DEADLINE_MARGIN_S`` past the parent's timeout.
+once an item runs ``OWN_DEADLINE_MARGIN_S`` past the parent's timeout. The worker's side is
+`rlkit.reward.pool_worker`.
 """
 from __future__ import annotations
 
-import ctypes
 import enum
 import os
 import pickle
-import signal
 import socket
 import subprocess
 import sys
@@ -34,16 +33,13 @@ from collections import deque
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 
+from rlkit.reward.pool_worker import READY
 from rlkit.reward.verifier_options import check_options
 from rlkit.reward.verifiers import VERIFIERS, Score, score_one
 
 # The worker's whole command line: everything else arrives over the connection.
-_BOOTSTRAP = "import sys; from rlkit.reward.pool import _worker_main; _worker_main(int(sys.argv[1]), int(sys.argv[2]))"
-_READY = "ready"
+_BOOTSTRAP = "import sys; from rlkit.reward.pool_worker import main; main(int(sys.argv[1]), int(sys.argv[2]))"
 _KILL_GRACE_S = 1.0
-_OWN_DEADLINE_MARGIN_S = 2.0  # a worker past its timeout by this much ends itself; the parent kills it sooner
-_PARENT_POLL_S = 0.5
-_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 class _State(enum.Enum):
@@ -59,54 +55,6 @@ class _Worker:
     state: _State
     deadline: float  # STARTING: start-up deadline; BUSY: the item's deadline
     item: int | None = None
-
-
-def _worker_main(fd: int, parent_pid: int) -> None:
-    """Worker process: receive (verifier, options, timeouts), prepare once, then score items until told to stop."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    _die_with_parent(parent_pid)
-    conn = Connection(fd)
-    verifier, options, timeout_s, startup_timeout_s = conn.recv()
-    prepare = getattr(VERIFIERS.get(verifier), "prepare", None)
-    if prepare is not None:
-        _own_deadline(startup_timeout_s + _OWN_DEADLINE_MARGIN_S)
-        prepare()
-        _own_deadline(0.0)
-    conn.send(_READY)
-    while True:
-        try:
-            message = conn.recv()
-        except EOFError:  # the parent is gone
-            return
-        if message is None:
-            return
-        response, reference = message
-        _own_deadline(timeout_s + _OWN_DEADLINE_MARGIN_S)
-        score = score_one(verifier, response, reference, options)
-        _own_deadline(0.0)
-        conn.send(score)
-
-
-def _own_deadline(seconds: float) -> None:
-    """End this process ``seconds`` from now, even inside a long C call (0: cancel): SIGALRM's default action."""
-    signal.signal(signal.SIGALRM, signal.SIG_DFL)  # a verifier may have installed its own handler
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """Have this worker killed when its parent ends: PR_SET_PDEATHSIG on Linux, and a watcher thread."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent_pid:  # the parent ended before prctl took effect
-        os._exit(1)
-    threading.Thread(target=_watch_parent, args=(parent_pid,), name="watch-parent", daemon=True).start()
-
-
-def _watch_parent(parent_pid: int) -> None:
-    """Exit once this process is re-parented (where PR_SET_PDEATHSIG does not exist; needs the GIL)."""
-    while os.getppid() == parent_pid:
-        time.sleep(_PARENT_POLL_S)
-    os._exit(1)
 
 
 def _import_path() -> str:
@@ -281,8 +229,8 @@ class VerifierPool:
             self._replace(index)
             return
         if worker.state is _State.STARTING:
-            if message != _READY:
-                raise RuntimeError(f"verifier worker sent {message!r} instead of {_READY!r} at start-up")
+            if message != READY:
+                raise RuntimeError(f"verifier worker sent {message!r} instead of {READY!r} at start-up")
             worker.state = _State.IDLE
             return
         results[worker.item] = message
