@@ -29,7 +29,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from rlkit.reward.requests import Refusal, parse_items, parse_json, read_body, render_results
-from rlkit.reward.service import RewardService, ScorerFailed, ServiceSettings, ShuttingDown
+from rlkit.reward.service import RewardService, ServiceSettings, ShuttingDown
+from rlkit.reward.service_scorer import ScorerFailed
 
 log = logging.getLogger("rlkit.reward.service")
 

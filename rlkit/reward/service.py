@@ -5,11 +5,11 @@ The HTTP layer over it is ``rlkit.reward.app``; ``rlkit.reward.serve`` runs both
 Scheduling: one scorer per (verifier, options), created on first use and kept until
 ``max_pools`` are live and another configuration is asked for: then the least recently used
 idle one is stopped (LRU), so no client can lock others out by naming many options. A scorer
-owns ``workers`` single-worker ``VerifierPool``s, each driven by a thread that takes items
-one at a time from the scorer's queue. Items of concurrent requests therefore share the
-workers item by item: a hung item holds back only its own request (until its timeout),
-never the other requests, and no worker idles while items wait. Timeouts, crashes and
-worker replacement are the pool's.
+(``rlkit.reward.service_scorer``) owns ``workers`` single-worker ``VerifierPool``s, each
+driven by a thread that takes items one at a time from the scorer's queue. Items of
+concurrent requests therefore share the workers item by item: a hung item holds back only
+its own request (until its timeout), never the other requests, and no worker idles while
+items wait. Timeouts, crashes and worker replacement are the pool's.
 
 Only registered verifiers (``math``, ``gsm8k``) and import paths allowed at start-up can
 be named by a request: an arbitrary ``module:function`` from the network would be remote
@@ -20,15 +20,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import queue
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
 
-from rlkit.reward.pool import VerifierPool
 from rlkit.reward.requests import Refusal
 from rlkit.reward.service_metrics import ServiceMetrics
+from rlkit.reward.service_scorer import Job, Scorer, settle
 from rlkit.reward.verifier_options import check_options
 from rlkit.reward.verifiers import VERIFIERS, Score
 
@@ -98,99 +97,9 @@ class ShuttingDown(Exception):
     """The service is draining: the request is answered 503."""
 
 
-class ScorerFailed(Exception):
-    """A scorer's workers could not start: the request is answered 500."""
-
-
-@dataclass(eq=False)
-class _Job:
-    """One item on its way through a scorer; its future is settled on the event loop's thread."""
-
-    response: str
-    reference: str
-    future: asyncio.Future
-    abandoned: bool = False  # the request gave up (client gone, shutdown, a sibling failed): skip it
-
-    def settle(self, score: Score | None = None, error: Exception | None = None) -> None:
-        """Called from a scorer thread."""
-        try:
-            self.future.get_loop().call_soon_threadsafe(_settle, self.future, score, error)
-        except RuntimeError:  # the event loop is closed: nobody is waiting any more
-            pass
-
-
-def _settle(future: asyncio.Future, score: Score | None, error: Exception | None) -> None:
-    if future.done():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(score)
-
-
-class _Scorer:
-    """``workers`` single-worker pools for one (verifier, options), fed item by item from one queue."""
-
-    def __init__(self, verifier: str, options: dict, settings: ServiceSettings):
-        self.verifier = verifier
-        self.options = options
-        self.failure: str | None = None  # set once the workers could not start; the scorer is then retired
-        self.requests = 0  # requests using it now (event loop thread); only idle scorers are evicted
-        self.last_used = time.monotonic()
-        self.pools = [
-            VerifierPool(verifier, num_workers=1, timeout_s=settings.timeout_s, options=options,
-                         startup_timeout_s=settings.startup_timeout_s)
-            for _ in range(settings.workers)
-        ]
-        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._threads = [
-            threading.Thread(target=self._drive, args=(pool,), name=f"reward-{verifier}-{i}", daemon=True)
-            for i, pool in enumerate(self.pools)
-        ]
-        for thread in self._threads:
-            thread.start()
-
-    def submit(self, job: _Job) -> None:
-        self._queue.put(job)
-
-    @property
-    def restarts(self) -> int:
-        return sum(pool.stats["restarts"] for pool in self.pools)
-
-    def _drive(self, pool: VerifierPool) -> None:
-        while (job := self._queue.get()) is not None:
-            if job.abandoned:
-                continue
-            if self.failure is not None:
-                job.settle(error=ScorerFailed(self.failure))
-                continue
-            try:
-                [score] = pool.score([job.response], [job.reference])
-            except Exception as err:  # the worker could not start; the pool has closed itself
-                self.failure = f"verifier {self.verifier!r} could not start its workers: {err}"
-                job.settle(error=ScorerFailed(self.failure))
-            else:
-                job.settle(score)
-
-    def stop(self) -> None:
-        """Kill the workers and ask the threads to exit (non-blocking). Items still running end unanswered:
-        call it once their requests were answered or abandoned."""
-        for _ in self._threads:
-            self._queue.put(None)
-        for pool in self.pools:
-            pool.abort()
-
-    def join(self) -> None:
-        """Wait for the threads (each ends within about a second of ``stop``), then reap the workers."""
-        for thread in self._threads:
-            thread.join()
-        for pool in self.pools:
-            pool.close()
-
-
 @dataclass(eq=False)
 class _InFlight:
-    jobs: list[_Job]
+    jobs: list[Job]
 
 
 class RewardService:
@@ -202,7 +111,7 @@ class RewardService:
         self.metrics = ServiceMetrics()
         self.draining = False
         self.queued = 0  # items submitted and not yet answered
-        self._scorers: dict[tuple[str, str], _Scorer] = {}
+        self._scorers: dict[tuple[str, str], Scorer] = {}
         self._inflight: set[_InFlight] = set()
         self._closed = False
 
@@ -219,7 +128,7 @@ class RewardService:
         except TypeError as err:
             raise Refusal(422, f"{where}: {err}") from err
 
-    def scorer(self, verifier: str, options: dict, key: str) -> _Scorer:
+    def scorer(self, verifier: str, options: dict, key: str) -> Scorer:
         """The scorer for (verifier, options with canonical JSON ``key``), started on first use; at
         ``max_pools`` the least recently used idle scorer makes room (503 if none is idle)."""
         if self._closed:
@@ -231,7 +140,10 @@ class RewardService:
         if scorer is None:
             if len(self._scorers) >= self.settings.max_pools:
                 self._evict_one()
-            scorer = self._scorers[verifier, key] = _Scorer(verifier, options, self.settings)
+            settings = self.settings
+            scorer = self._scorers[verifier, key] = Scorer(verifier, options, workers=settings.workers,
+                                                           timeout_s=settings.timeout_s,
+                                                           startup_timeout_s=settings.startup_timeout_s)
         scorer.last_used = time.monotonic()
         return scorer
 
@@ -259,7 +171,7 @@ class RewardService:
         if self.queued + len(items) > self.settings.max_queued_items:
             raise Refusal(503, f"service busy: {self.queued} items already queued (--max-queued-items "
                                f"{self.settings.max_queued_items}); retry shortly", {"Retry-After": "1"})
-        scorers: dict[tuple[str, str], _Scorer] = {}
+        scorers: dict[tuple[str, str], Scorer] = {}
         try:
             for _, _, verifier, options, key in items:
                 if (verifier, key) not in scorers:
@@ -270,11 +182,11 @@ class RewardService:
             for scorer in scorers.values():
                 scorer.requests -= 1
 
-    async def _run(self, items: list[tuple[str, str, str, dict, str]], scorers: dict[tuple[str, str], _Scorer],
+    async def _run(self, items: list[tuple[str, str, str, dict, str]], scorers: dict[tuple[str, str], Scorer],
                    receive) -> list[Score] | None:
         """``score`` once the scorers are held: queue the items, await them or the client's departure."""
         loop = asyncio.get_running_loop()
-        jobs = [_Job(response, reference, loop.create_future()) for response, reference, *_ in items]
+        jobs = [Job(response, reference, loop.create_future()) for response, reference, *_ in items]
         inflight = _InFlight(jobs)
         self._inflight.add(inflight)
         self.queued += len(jobs)
@@ -319,7 +231,7 @@ class RewardService:
         for inflight in list(self._inflight):
             for job in inflight.jobs:
                 job.abandoned = True
-                _settle(job.future, None, ShuttingDown())
+                settle(job.future, None, ShuttingDown())
 
     def close(self) -> None:
         """Stop every scorer and kill its worker processes; items still running are dropped, so call it once
