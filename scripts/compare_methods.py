@@ -7,7 +7,8 @@ Each method is a training run (`python -m rlkit.train`) with the same seed, data
 and Critique-GRPO's critiques); then `python -m rlkit.eval` on its final policy: greedy accuracy on the
 arithmetic test split and pass@1/pass@4/maj@4 at temperature 1. Writes <out>/summary.json and
 <out>/curves.png (reward, response length, entropy, prompts solved, CAPO's rejected fraction and the policy
-shift per step, against generated tokens); `--plot RUN...` redraws the figure for some finished runs.
+shift per step, against generated tokens); `--plot RUN...` redraws the figure for some finished runs;
+`--table OUT...` prints the results of finished comparisons (one OUT per seed) as a markdown table.
 """
 from __future__ import annotations
 
@@ -88,6 +89,38 @@ def plot(out: Path, names: list[str], path: Path) -> Path:
     return path
 
 
+def table(outs: list[Path]) -> str:
+    """A markdown table of the runs in the summaries of ``outs`` (one directory per seed): each cell
+    gives the seeds' values in the order of ``outs``, separated by " / ", then their mean for evaluations."""
+    summaries = [json.loads((out / "summary.json").read_text()) for out in outs]
+    names = sorted(dict.fromkeys(name for summary in summaries for name in summary), key=lambda name: name != "base")
+    rows = ["| run | steps | generated tokens | greedy | T=1 pass@1 | T=1 pass@4 | T=1 maj@4 "
+            "| fresh reward, first -> last step | entropy, first -> last step |", "|" + "---|" * 9]
+
+    def cell(values: list[float], mean: bool = True) -> str:
+        if not mean:
+            return " / ".join(f"{v:.0f}" for v in values)
+        text = " / ".join(f"{v:.3f}" for v in values)
+        return f"{text} (mean {sum(values) / len(values):.3f})" if len(values) > 1 else text
+
+    for name in names:
+        runs = [(out, summary[name]) for out, summary in zip(outs, summaries) if name in summary]
+        evals = [run["eval"] for _, run in runs]
+        columns = [cell([e["greedy"]["pass@1"] for e in evals])]
+        columns += [cell([e["sampled"][k] for e in evals]) for k in ("pass@1", "pass@4", "maj@4")]
+        if name == "base":
+            rows.append(f"| base model | - | - | {' | '.join(columns)} | - | - |")
+            continue
+        reward_key = FRESH_REWARD.get(name.split("@")[0], "reward/mean")
+        metrics = [read_metrics(out / name) for out, _ in runs]
+        steps = cell([run["steps"] for _, run in runs], mean=False)
+        tokens = cell([run["generated_tokens"] for _, run in runs], mean=False)
+        reward = ", ".join(f"{m[0][reward_key]:.2f} -> {m[-1][reward_key]:.2f}" for m in metrics)
+        entropy = ", ".join(f"{m[0]['actor/entropy']:.2f} -> {m[-1]['actor/entropy']:.2f}" for m in metrics)
+        rows.append(f"| {name} | {steps} | {tokens} | {' | '.join(columns)} | {reward} | {entropy} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="*", default=list(METHODS),
@@ -103,7 +136,12 @@ def main() -> None:
     parser.add_argument("--base", action="store_true", help="also evaluate the untrained model (as run 'base')")
     parser.add_argument("--plot", nargs="+", metavar="RUN", help="only plot these finished runs (no training)")
     parser.add_argument("--plot-out", type=Path, help="the figure's path (default <out>/curves.png)")
+    parser.add_argument("--table", nargs="+", type=Path, metavar="OUT",
+                        help="only print a markdown table of these finished comparisons (one --out per seed)")
     args = parser.parse_args()
+    if args.table:
+        print(table(args.table))
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     figure = args.plot_out or args.out / "curves.png"
     if args.plot:
