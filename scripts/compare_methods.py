@@ -94,8 +94,8 @@ def table(outs: list[Path]) -> str:
     gives the seeds' values in the order of ``outs``, separated by " / ", then their mean for evaluations."""
     summaries = [json.loads((out / "summary.json").read_text()) for out in outs]
     names = sorted(dict.fromkeys(name for summary in summaries for name in summary), key=lambda name: name != "base")
-    rows = ["| run | steps | generated tokens | greedy | T=1 pass@1 | T=1 pass@4 | T=1 maj@4 "
-            "| fresh reward, first -> last step | entropy, first -> last step |", "|" + "---|" * 9]
+    rows = ["| run | steps | generated tokens | greedy | greedy length | T=1 pass@1 | T=1 pass@4 | T=1 maj@4 "
+            "| fresh reward, first -> last step | entropy, first -> last step |", "|" + "---|" * 10]
 
     def cell(values: list[float], mean: bool = True) -> str:
         if not mean:
@@ -106,7 +106,8 @@ def table(outs: list[Path]) -> str:
     for name in names:
         runs = [(out, summary[name]) for out, summary in zip(outs, summaries) if name in summary]
         evals = [run["eval"] for _, run in runs]
-        columns = [cell([e["greedy"]["pass@1"] for e in evals])]
+        columns = [cell([e["greedy"]["pass@1"] for e in evals]),
+                   " / ".join(f"{e['greedy']['length_mean']:.1f}" for e in evals)]
         columns += [cell([e["sampled"][k] for e in evals]) for k in ("pass@1", "pass@4", "maj@4")]
         if name == "base":
             rows.append(f"| base model | - | - | {' | '.join(columns)} | - | - |")
