@@ -30,7 +30,10 @@ METHODS: dict[str, list[str]] = {
 }
 PANELS = (("reward/mean", "reward of fresh samples"), ("response/length_mean", "response length (tokens)"),
           ("actor/entropy", "entropy (nats/token)"), ("reward/prompts_solved_frac", "prompts with >= 1 correct sample"),
-          ("capo/rejected_frac", "CAPO rejected fraction"), ("actor/policy_shift_k3", "policy shift per step (k3)"))
+          ("capo/rejected_frac", "CAPO rejected fraction: all tokens (solid), A > 0 (--), A < 0 (:)"),
+          ("actor/policy_shift_k3", "policy shift per step (k3, log scale)"))
+# Extra lines in a panel: key -> (metric, line style) drawn in the run's colour.
+SPLITS = {"capo/rejected_frac": (("capo/rejected_frac_pos", "--"), ("capo/rejected_frac_neg", ":"))}
 # Methods whose reward/mean also covers samples that are not fresh draws from the question: their
 # comparable reward is that of the first samples (FR3E's base responses, Critique-GRPO's initial ones).
 FRESH_REWARD = {"fr3e": "fr3e/base_reward_mean", "critique_grpo": "critique/initial_accuracy"}
@@ -73,13 +76,19 @@ def plot(out: Path, names: list[str], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 3, figsize=(15, 7))
+    colours = {name: f"C{i}" for i, name in enumerate(names)}
     for ax, (key, title) in zip(axes.flat, PANELS):
         for name in names:
             method_key = FRESH_REWARD.get(name.split("@")[0], key) if key == "reward/mean" else key
-            rows = [m for m in read_metrics(out / name) if method_key in m and "rollout/generated_tokens_total" in m]
-            if rows:
-                ax.plot([m["rollout/generated_tokens_total"] for m in rows], [m[method_key] for m in rows],
-                        marker=".", label=name)
+            for metric, style in ((method_key, "-"), *SPLITS.get(key, ())):
+                rows = [m for m in read_metrics(out / name) if metric in m and "rollout/generated_tokens_total" in m]
+                if rows:
+                    ax.plot([m["rollout/generated_tokens_total"] for m in rows], [m[metric] for m in rows],
+                            marker=".", linestyle=style, color=colours[name], label=name if style == "-" else None)
+        if key == "actor/policy_shift_k3" and ax.lines:
+            ax.set_yscale("log")
+        if not ax.lines:
+            ax.text(0.5, 0.5, "not logged by these runs", ha="center", transform=ax.transAxes)
         ax.set_title(title)
         ax.set_xlabel("generated tokens")
         ax.grid(alpha=0.3)
