@@ -16,8 +16,7 @@ import time
 
 import httpx
 
-from rlkit.reward.pool import check_score_inputs
-from rlkit.reward.verifiers import Score
+from rlkit.reward.verifiers import Score, check_score_inputs
 
 
 class RewardServiceError(RuntimeError):

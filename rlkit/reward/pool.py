@@ -35,7 +35,7 @@ from multiprocessing.connection import Connection, wait
 
 from rlkit.reward.pool_worker import READY
 from rlkit.reward.verifier_options import check_options
-from rlkit.reward.verifiers import VERIFIERS, Score, score_one
+from rlkit.reward.verifiers import VERIFIERS, Score, check_score_inputs, score_one
 
 # The worker's whole command line: everything else arrives over the connection.
 _BOOTSTRAP = "import sys; from rlkit.reward.pool_worker import main; main(int(sys.argv[1]), int(sys.argv[2]))"
@@ -286,16 +286,3 @@ def _stop(worker: _Worker, *, grace_s: float) -> None:
             process.wait()
     worker.conn.close()
 
-
-def check_score_inputs(responses: list[str], references: list[str]) -> None:
-    """Argument checks shared by every scorer's `score(responses, references)`."""
-    if isinstance(responses, str) or isinstance(references, str):
-        raise TypeError("score takes lists of strings; wrap a single pair as score([response], [reference])")
-    if len(responses) != len(references):
-        raise ValueError(
-            f"score got {len(responses)} responses but {len(references)} references; pass one reference per response"
-        )
-    for name, items in (("responses", responses), ("references", references)):
-        for i, item in enumerate(items):
-            if not isinstance(item, str):
-                raise TypeError(f"{name}[{i}] is {type(item).__name__}, expected str")

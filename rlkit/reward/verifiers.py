@@ -95,6 +95,20 @@ def score_one(verifier: str, response: str, reference: str, options: dict | None
     return result
 
 
+def check_score_inputs(responses: list[str], references: list[str]) -> None:
+    """Argument checks shared by every scorer's `score(responses, references)`."""
+    if isinstance(responses, str) or isinstance(references, str):
+        raise TypeError("score takes lists of strings; wrap a single pair as score([response], [reference])")
+    if len(responses) != len(references):
+        raise ValueError(
+            f"score got {len(responses)} responses but {len(references)} references; pass one reference per response"
+        )
+    for name, items in (("responses", responses), ("references", references)):
+        for i, item in enumerate(items):
+            if not isinstance(item, str):
+                raise TypeError(f"{name}[{i}] is {type(item).__name__}, expected str")
+
+
 def _error_code(err: BaseException) -> str:
     try:
         message = str(err)
