@@ -1,4 +1,5 @@
-"""RolloutBatch: the one structure every stage of a step reads and extends (docs/architecture.md)."""
+"""RolloutBatch, the one structure every stage of a step reads and extends, and PolicyOutputs, what the
+policy says about a batch's tokens (docs/architecture.md)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
@@ -11,7 +12,10 @@ class RolloutBatch:
     """B sampled responses, padded on the right to T tokens.
 
     prompt_ids: [B] token-id lists, the context each response is trained under.
-    response_ids: [B,T] long. response_mask: [B,T] float in {0,1}. behavior_logprobs: [B,T].
+    response_ids: [B,T] long. behavior_logprobs: [B,T].
+    response_mask: [B,T] float in {0,1}, the tokens the loss trains on (a method may mask tokens out of it).
+    response_lengths: [B] long, the tokens each response has (what the forward reads); filled from
+        `response_mask` when not given, so give it whenever the mask may have holes.
     group_ids: [B] long (samples compared against each other share an id).
     prompt_index: [B] long, which of the step's prompts each sample answers (several groups may share one).
     truncated: [B] bool, the response hit max_tokens.
@@ -23,6 +27,7 @@ class RolloutBatch:
         recomputes its old logprobs and leaves it out of the engine-vs-trainer logprob gap.
     estimator_inputs: extra keyword tensors for the advantage estimator, e.g. FR3E's state ids [B].
     extras: other per-sample tensors a method adds ([B] or [B,T], e.g. `is_refinement`).
+    policy_version: [B] long or None, the `Learner.version` whose weights sampled each response (set by collect).
     """
 
     prompt_ids: list[list[int]]
@@ -42,14 +47,20 @@ class RolloutBatch:
     off_context: torch.Tensor | None = None
     estimator_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    response_lengths: torch.Tensor | None = None
+    policy_version: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.response_lengths is None:
+            self.response_lengths = self.response_mask.sum(-1).long()
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
 
     @property
     def lengths(self) -> torch.Tensor:
-        """[B] long response lengths."""
-        return self.response_mask.sum(-1).long()
+        """[B] long response lengths (tokens generated, whatever the loss mask keeps)."""
+        return self.response_lengths
 
     def select(self, index: torch.Tensor | list[int]) -> "RolloutBatch":
         """Rows `index` (in that order) of every per-sample field."""
@@ -83,6 +94,16 @@ class RolloutBatch:
             else:
                 merged[f.name] = _cat(values, width, pad_id if f.name == "response_ids" else 0)
         return RolloutBatch(**merged)
+
+
+@dataclass
+class PolicyOutputs:
+    """logprobs, entropies: [b,T] (0 where the mask is 0). hidden: [b,T,d] detached final hidden states
+    that predict each response token, for token masks such as CAPO (None unless asked for)."""
+
+    logprobs: torch.Tensor
+    entropies: torch.Tensor
+    hidden: torch.Tensor | None = None
 
 
 def _take(value, index: torch.Tensor):

@@ -161,17 +161,22 @@ def build_plugins(cfg: DictConfig) -> dict[str, Plugin]:
 
 
 def _check_sampler_inputs(cfg: DictConfig) -> None:
-    """Every plug-in's `needs_inputs` must be among the sampler's `provides_inputs`."""
+    """What every plug-in reads from the batch's two method bags (`needs_inputs`: estimator_inputs,
+    `needs_extras`: extras) must be among what the sampler provides (`provides_inputs`, `provides_extras`)."""
     points = plug_points()
+    samplers = points["algorithm.sampler"]
     sampler = spec_at(cfg, "algorithm.sampler").name
-    provided = set(capabilities_of(points["algorithm.sampler"].get(sampler)).provides_inputs)
+
+    def provided(name: str) -> set[str]:
+        caps = capabilities_of(samplers.get(name))
+        return set(caps.provides_inputs) | set(caps.provides_extras)
+
     for key, registry in points.items():
         name = spec_at(cfg, key).name
-        missing = [x for x in capabilities_of(registry.get(name)).needs_inputs if x not in provided]
+        caps = capabilities_of(registry.get(name))
+        missing = [x for x in (*caps.needs_inputs, *caps.needs_extras) if x not in provided(sampler)]
         if missing:
-            samplers = points["algorithm.sampler"]
-            able = [s for s in samplers.names()
-                    if set(missing) <= set(capabilities_of(samplers.get(s)).provides_inputs)]
+            able = [s for s in samplers.names() if set(missing) <= provided(s)]
             raise ConfigError(f"{key}={name}: reads {', '.join(missing)} from the sampler, which "
                               f"algorithm.sampler={sampler} does not provide. Fix: set algorithm.sampler="
                               f"{' or '.join(able) or 'a sampler that provides them'} (or choose another {key})")

@@ -36,6 +36,8 @@ class Capabilities:
     needs_inputs: per-sample tensors read from ``RolloutBatch.estimator_inputs``; validation refuses a
         sampler that does not declare them in its ``provides_inputs``.
     provides_inputs: the ``estimator_inputs`` a sampler adds to every batch.
+    needs_extras / provides_extras: the same for ``RolloutBatch.extras`` (per-sample tensors a policy loss or
+        token mask reads, e.g. Critique-GRPO's ``is_refinement``).
     """
 
     needs_groups: bool = False
@@ -44,6 +46,8 @@ class Capabilities:
     needs_on_policy: bool = False
     needs_inputs: tuple[str, ...] = ()
     provides_inputs: tuple[str, ...] = ()
+    needs_extras: tuple[str, ...] = ()
+    provides_extras: tuple[str, ...] = ()
 
 
 def declare(**capabilities) -> Callable[[T], T]:

@@ -281,14 +281,14 @@ def test_infinite_thresholds_give_exactly_the_plain_grpo_step(trainer_and_batch)
 def test_rejecting_step_is_split_invariant_and_equals_the_kept_token_loss(trainer_and_batch, direction):
     trainer, batch = trainer_and_batch
     trainer.cfg.algorithm.loss.agg = "seq-mean-token-mean"
-    model, temperature = trainer.model, trainer.cfg.rollout.temperature
+    model, temperature = trainer.learner.model, trainer.cfg.rollout.temperature
     model.zero_grad(set_to_none=True)
     with torch.no_grad():
         out = policy_logprobs(model, batch.prompt_ids, batch.response_ids, batch.response_mask, pad_id=trainer.pad_id,
                               temperature=temperature, return_hidden=True)
     inputs = TokenMaskInputs(response_ids=batch.response_ids, mask=batch.response_mask, advantages=batch.advantages,
                              hidden=out.hidden, lm_head=model.get_output_embeddings().weight,
-                             optimizer=trainer.optimizer, lr=trainer.scheduler.get_last_lr()[0], temperature=temperature)
+                             optimizer=trainer.learner.optimizer, lr=trainer.learner.scheduler.get_last_lr()[0], temperature=temperature)
     _, (m_h, _) = _sgd_shifts(inputs, k=50)
     with _token_mask(trainer, direction=direction, tau_h=m_h.abs().median().item(), tau_f=INF) as capo:
         if direction == "adam":

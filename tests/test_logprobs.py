@@ -31,7 +31,7 @@ def _batch(responses, width):
 
 def test_pack_inputs_positions():
     ids, mask = _batch([[7, 8], [9]], 3)
-    input_ids, attention, positions = pack_inputs([[1, 2, 3], [4]], ids, mask, pad_id=0)
+    input_ids, attention, positions = pack_inputs([[1, 2, 3], [4]], ids, mask.sum(-1), pad_id=0)
     assert input_ids.tolist() == [[1, 2, 3, 7, 8], [4, 9, 0, 0, 0]]
     assert attention.tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
     assert positions[0, :2].tolist() == [2, 3] and positions[1, 0].item() == 0
@@ -73,9 +73,9 @@ def trainer_and_batch(tiny_model_dir, tmp_path_factory):
 def _gradients(trainer, batch, micro_batch_size):
     captured = []
     trainer.cfg.trainer.micro_batch_size = micro_batch_size
-    trainer.optimizer.step = lambda *a, **k: captured.append([p.grad.clone() for p in trainer.model.parameters()])
+    trainer.learner.optimizer.step = lambda *a, **k: captured.append([p.grad.clone() for p in trainer.learner.model.parameters()])
     trainer.cfg.trainer.max_grad_norm = None
-    trainer.update(batch)
+    trainer.learner.update(batch)
     return captured[0]
 
 
@@ -111,7 +111,7 @@ def test_rejecting_token_mask_is_invariant_and_leaves_the_denominator(trainer_an
     finally:
         trainer.plugins["algorithm.token_mask"] = original
 
-    model = trainer.model
+    model = trainer.learner.model
     model.zero_grad(set_to_none=True)
     out = policy_logprobs(model, batch.prompt_ids, batch.response_ids, batch.response_mask, pad_id=trainer.pad_id)
     keep = (torch.arange(batch.response_mask.shape[1]) % 3 != 0).float()

@@ -134,26 +134,28 @@ def test_second_signal_exits_at_once():
 
 def test_checkpoint_without_optimizer_state_loads_with_a_warning(tmp_path, tiny_model_dir, caplog):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
+    from rlkit.config import build_plugins, compose
     from rlkit.trainer.checkpoint import load_checkpoint, save_checkpoint
+    from rlkit.trainer.learner import Learner
 
-    def policy():
-        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        return model, optimizer, get_scheduler("constant", optimizer)
+    def learner():
+        cfg = compose([f"model.path={tiny_model_dir}", "trainer.lr=1e-3"])
+        return Learner(cfg, build_plugins(cfg))
 
-    model, optimizer, scheduler = policy()
+    trained = learner()
+    model = trained.model
     model(torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2, 3]])).loss.backward()
-    optimizer.step()
-    path = save_checkpoint(tmp_path, 1, model=model, tokenizer=AutoTokenizer.from_pretrained(tiny_model_dir),
-                           optimizer=None, scheduler=scheduler, state={}, plugin_state={}, keep_last=1)
+    trained.optimizer.step()
+    trained.version = 1
+    path = save_checkpoint(tmp_path, 1, learner=trained, save_optimizer=False, state={}, plugin_state={}, keep_last=1)
     assert (path / "optim.pt").stat().st_size < (path / "model" / "model.safetensors").stat().st_size / 10
-    fresh, fresh_optimizer, fresh_scheduler = policy()
+    fresh = learner()
     with caplog.at_level(logging.WARNING, logger="rlkit"):
-        load_checkpoint(path, model=fresh, optimizer=fresh_optimizer, scheduler=fresh_scheduler)
+        load_checkpoint(path, learner=fresh)
     assert "holds no optimizer state (trainer.save_optimizer=false): AdamW's moments restart" in caplog.text
-    assert not fresh_optimizer.state and torch.equal(fresh.lm_head.weight, model.lm_head.weight)
+    assert not fresh.optimizer.state and torch.equal(fresh.model.lm_head.weight, model.lm_head.weight)
+    assert fresh.version == 1
 
 
 def test_run_without_optimizer_state_or_final_export(tmp_path, tiny_model_dir):

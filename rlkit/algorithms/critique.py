@@ -60,7 +60,7 @@ def critique_surrogate(
     return per_token, metrics
 
 
-@POLICY_LOSSES.register("critique")
+@POLICY_LOSSES.register("critique", needs_extras=("is_refinement",))
 def critique(logprobs, old_logprobs, advantages, mask, *, extras: dict, gamma: float = 0.1, eps_low: float = 0.2,
              eps_high: float = 0.2, dual_clip_c: float | None = None):
     """`critique_surrogate` with ``extras["is_refinement"]`` [b] from the `critique` sampler."""

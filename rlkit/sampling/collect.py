@@ -62,11 +62,13 @@ def collect(
     max_rounds: int,
     first_group_id: int,
     pad_id: int,
+    policy_version: int = 0,
 ) -> Collected:
     """Sample rounds of `next_rows()` until `prompts` prompts survive `group_filter` (at most `max_rounds`).
 
     The first `prompts` surviving prompts are kept with all their groups; prompt_index becomes the
-    prompt's position among every prompt drawn this step.
+    prompt's position among every prompt drawn this step. Every sample is stamped with `policy_version`,
+    the version of the weights the engine holds.
     """
     kept, seen, drawn, group_id = [], [], 0, first_group_id
     generate_s = reward_s = 0.0
@@ -86,6 +88,7 @@ def collect(
         if len(batch):
             group_id = int(batch.group_ids.max()) + 1
         batch.prompt_index = batch.prompt_index + drawn
+        batch.policy_version = torch.full((len(batch),), policy_version, dtype=torch.long)
         drawn += len(rows)
         seen.append(batch)
         kept.append(batch.select(group_filter(batch).nonzero()[:, 0]))

@@ -74,7 +74,7 @@ def select_refinements(prompt_index: torch.Tensor, correct: torch.Tensor, k: int
     return torch.tensor(kept, dtype=torch.long)
 
 
-@SAMPLERS.register("critique", needs_groups=True)
+@SAMPLERS.register("critique", needs_groups=True, provides_extras=("is_refinement",))
 class CritiqueSampler:
     """`algorithm.sampler=critique`: initial responses plus critique-guided refinements (module docstring).
 

@@ -7,16 +7,13 @@ make any number of groups per prompt, and may score mid-sampling through ``ctx.s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 
-from rlkit.batch import RolloutBatch
+from rlkit.batch import PolicyOutputs, RolloutBatch
 from rlkit.registry import Registry
 from rlkit.rollout.base import Completion, RolloutEngine, SamplingConfig
-
-if TYPE_CHECKING:
-    from rlkit.trainer.logprobs import PolicyOutputs
 
 SAMPLERS: Registry = Registry("sampler", inputs=("rows", "ctx", "first_group_id"))
 
@@ -37,7 +34,7 @@ class SamplerContext:
     build_prompt: Callable[[dict], list[int]]
     score: Callable[[RolloutBatch], None]
     pad_id: int
-    token_stats: Callable[[RolloutBatch], "PolicyOutputs"] | None = None
+    token_stats: Callable[[RolloutBatch], PolicyOutputs] | None = None
 
 
 def batch_from_completions(

@@ -17,22 +17,21 @@ TEMP_PREFIX = ".step_"  # step_N is written as .step_N.<random> and renamed when
 log = logging.getLogger("rlkit")
 
 
-def save_checkpoint(root: Path, step: int, *, model, tokenizer, optimizer, scheduler, state: dict,
+def save_checkpoint(root: Path, step: int, *, learner, save_optimizer: bool, state: dict,
                     plugin_state: dict, keep_last: int) -> Path:
     """Write step_N through a temp dir + rename, so a crash never leaves a half checkpoint; prune old ones.
 
-    optimizer: None leaves its state out (AdamW's is twice the model's size); a resume then restarts it.
-    state: JSON-able trainer state; plugin_state: config key -> state_dict of each stateful plug-in.
+    learner: a `rlkit.trainer.learner.Learner` (its HF model and tokenizer, optimizer, scheduler, version).
+    save_optimizer: False leaves the optimizer state out (AdamW's is twice the model's size); a resume then
+    restarts it. state: JSON-able trainer state; plugin_state: config key -> state_dict of each stateful plug-in.
     """
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step}"
     tmp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{step}.", dir=root))
-    model.save_pretrained(tmp / "model", safe_serialization=True)
-    tokenizer.save_pretrained(tmp / "model")
+    learner.save_pretrained(tmp / "model")
     torch.save(
         {
-            "optimizer": optimizer.state_dict() if optimizer is not None else None,
-            "scheduler": scheduler.state_dict(),
+            **learner.state_dict(optimizer=save_optimizer),
             "rng": {
                 "torch": torch.get_rng_state(),
                 "python": random.getstate(),
@@ -67,28 +66,27 @@ def remove_stale_temps(root: Path) -> list[Path]:
     return stale
 
 
-def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> tuple[dict, dict]:
-    """Restore model, optimizer, scheduler and RNG from `path`; return (trainer state, plug-in states).
-
-    A checkpoint saved without optimizer state leaves `optimizer` fresh, with a warning.
+def load_checkpoint(path: Path, *, learner) -> tuple[dict, dict]:
+    """Restore the learner (weights, optimizer, scheduler, version) and the RNG from `path`; return
+    (trainer state, plug-in states). A checkpoint saved without optimizer state leaves the optimizer fresh,
+    with a warning.
     """
     from safetensors.torch import load_file
 
     weights = {}
     for shard in sorted((path / "model").glob("*.safetensors")):
         weights.update(load_file(shard))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
-    if set(missing) - tied or unexpected:
-        raise RuntimeError(f"checkpoint {path} does not match the model: missing {missing}, unexpected {unexpected}")
+    try:
+        learner.load_weights(weights)
+    except RuntimeError as err:
+        raise RuntimeError(f"checkpoint {path}: {err}") from None
     blob = torch.load(path / "optim.pt", weights_only=False)
     if blob["optimizer"] is None:
         log.warning("resume: %s holds no optimizer state (trainer.save_optimizer=false): AdamW's moments restart "
                     "from zero, so the run does not continue exactly as an uninterrupted one", path)
-    else:
-        optimizer.load_state_dict(blob["optimizer"])
-    scheduler.load_state_dict(blob["scheduler"])
+    state = json.loads((path / STATE_FILE).read_text())
+    learner.load_state_dict({"version": state["step"], **blob})
     torch.set_rng_state(blob["rng"]["torch"])
     random.setstate(blob["rng"]["python"])
     np.random.set_state(blob["rng"]["numpy"])
-    return json.loads((path / STATE_FILE).read_text()), blob["plugins"]
+    return state, blob["plugins"]

@@ -6,29 +6,20 @@ keeping its [chunk, V] activations.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch.utils.checkpoint import checkpoint
 
-
-@dataclass
-class PolicyOutputs:
-    """logprobs, entropies: [b,T] (0 where mask is 0). hidden: [b,T,d] detached final hidden states
-    that predict each response token, for token masks such as CAPO (None unless asked for)."""
-
-    logprobs: torch.Tensor
-    entropies: torch.Tensor
-    hidden: torch.Tensor | None = None
+from rlkit.batch import PolicyOutputs
 
 
-def pack_inputs(prompt_ids: list[list[int]], response_ids: torch.Tensor, response_mask: torch.Tensor, pad_id: int):
+def pack_inputs(prompt_ids: list[list[int]], response_ids: torch.Tensor, lengths: torch.Tensor, pad_id: int):
     """Right-padded prompt+response rows trimmed to this micro-batch's longest.
 
+    lengths: [b] tokens of each response (`response_ids[i, :lengths[i]]` is laid out after prompt i).
     Returns input_ids [b,L], attention_mask [b,L], and the position of the hidden state
     that predicts response token t of row i: positions [b,T] (= len(prompt_i) - 1 + t).
     """
-    lengths = response_mask.sum(-1).long().tolist()
+    lengths = torch.as_tensor(lengths).long().tolist()
     totals = [len(p) + n for p, n in zip(prompt_ids, lengths)]
     width = max(totals)
     input_ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
@@ -59,17 +50,22 @@ def policy_logprobs(
     response_mask: torch.Tensor,
     *,
     pad_id: int,
+    lengths: torch.Tensor | None = None,
     temperature: float = 1.0,
     chunk_tokens: int = 1024,
     return_hidden: bool = False,
 ) -> PolicyOutputs:
     """Logprobs [b,T] of `response_ids` given `prompt_ids` under `model`, at the sampling temperature.
 
+    The forward reads each response's first `lengths[i]` tokens ([b] long; default: `response_mask`'s row
+    sums); logprobs and entropies are computed where `response_mask` [b,T] is 1, 0 elsewhere.
+
     Works for any HF causal LM whose `base_model` returns `last_hidden_state` and whose
     output embedding is a bias-free linear head (Llama, Qwen2/3, Mistral, SmolLM, ...).
     """
     device = next(model.parameters()).device
-    input_ids, attention, positions = pack_inputs(prompt_ids, response_ids, response_mask, pad_id)
+    lengths = response_mask.sum(-1).long() if lengths is None else lengths
+    input_ids, attention, positions = pack_inputs(prompt_ids, response_ids, lengths, pad_id)
     hidden = model.base_model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).last_hidden_state
     rows, steps = response_mask.nonzero(as_tuple=True)
     picked = hidden[rows.to(device), positions[rows, steps].to(device)]  # [N,d]

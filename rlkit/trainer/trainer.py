@@ -1,7 +1,8 @@
-"""The RL loop (docs/architecture.md, "The step"): collect -> estimate -> update -> push -> log.
+"""The RL loop (docs/architecture.md, "The step"): collect -> estimate -> learner.update -> push -> log.
 
 Algorithm-blind: every method-specific choice is a plug-in built once at start (`rlkit.config.build_plugins`);
-what a plug-in needs (groups, hidden states, a reference model, saved state) it declares itself.
+what a plug-in needs (groups, hidden states, a reference model, saved state) it declares itself. The loop
+reaches the policy only through the `Learner` (`rlkit.trainer.learner`).
 """
 from __future__ import annotations
 
@@ -11,8 +12,6 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import set_seed
 from omegaconf import DictConfig, OmegaConf
 
 from rlkit.batch import RolloutBatch
@@ -26,9 +25,8 @@ from rlkit.sampling import Collected, SamplerContext, collect
 from rlkit.trainer.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from rlkit.trainer.interrupt import StopRequest
 from rlkit.trainer.metrics import MetricsLogger, rollout_metrics, step_metrics
+from rlkit.trainer.learner import SEED_MIX, Learner
 from rlkit.trainer.run_dir import CONFIG_FILE, check_run_dir, run_dir_of
-from rlkit.trainer.setup import load_policy
-from rlkit.trainer.update import SEED_MIX, PolicyUpdate
 
 log = logging.getLogger("rlkit")
 
@@ -36,20 +34,16 @@ log = logging.getLogger("rlkit")
 SAMPLING_STEP_STRIDE = 10_007
 
 
-class Trainer(PolicyUpdate):
+class Trainer:
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
         check_run_dir(cfg)  # refuses to overwrite a run, or to resume with changes it cannot follow; loads nothing
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.trainer.mixed_precision)
-        set_seed(cfg.seed)
         self.run_dir = run_dir_of(cfg)
         self.stream = PromptStream(_load_data(cfg), cfg.trainer.prompts_per_step, seed=cfg.seed)  # data errors first
         route_library_logs(self.run_dir)  # vLLM's per-step chatter to <run>/train.log, not the console
         self.plugins = build_plugins(cfg)
-        needs_reference = cfg.algorithm.loss.kl_coef > 0 or any(p.capabilities.needs_reference for p in self.plugins.values())
-        self.tokenizer, self.model, self.ref_model, self.optimizer, self.scheduler = load_policy(
-            cfg, self.accelerator, needs_reference=needs_reference)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        self.learner = Learner(cfg, self.plugins)
+        self.tokenizer, self.pad_id = self.learner.tokenizer, self.learner.pad_id
         self.scorer = make_scorer(spec_at(cfg, "reward.verifier"), OmegaConf.to_container(cfg.reward, resolve=True))
         self.engine = make_engine(spec_at(cfg, "rollout.engine"), cfg.model.path, cfg.rollout.dtype or cfg.model.dtype)
         self.evaluator = Evaluator(cfg, self.tokenizer, self.engine, self.scorer) if cfg.trainer.eval_every else None
@@ -118,9 +112,9 @@ class Trainer(PolicyUpdate):
         if len(batch):
             batch.advantages = self.plugins["algorithm.advantage"](
                 batch.rewards, batch.group_ids, batch.response_mask, scorable=batch.scorable, **batch.estimator_inputs)
-            self.engine.sleep()  # frees the engine's GPU memory during the update where sleep mode is on
-            metrics.update(self.update(batch))
-            self.engine.wake()
+        self.engine.sleep()  # frees the engine's GPU memory during the update where sleep mode is on
+        metrics.update(self.learner.update(batch))
+        self.engine.wake()
         train_s = time.perf_counter() - tick
         tick = time.perf_counter()
         self._push_weights()
@@ -128,7 +122,7 @@ class Trainer(PolicyUpdate):
         self.step += 1
         timer = {"generate": collected.generate_s, "reward": collected.reward_s, "train": train_s,
                  "weight_push": push_s, "step": time.perf_counter() - start}
-        metrics.update(step_metrics(timer, metrics, lr=self.scheduler.get_last_lr()[0], rounds=collected.rounds))
+        metrics.update(step_metrics(timer, metrics, lr=self.learner.lr, rounds=collected.rounds))
         for plugin in self.plugins.values():
             metrics.update(plugin.step_metrics())
         if self.evaluator is not None and self.step % self.cfg.trainer.eval_every == 0:
@@ -144,12 +138,13 @@ class Trainer(PolicyUpdate):
         seed = (self.cfg.seed * SEED_MIX + self.step * SAMPLING_STEP_STRIDE) % (2**31)
         ctx = SamplerContext(
             engine=self.engine, tokenizer=self.tokenizer, build_prompt=self._build_prompt, score=self.score,
-            token_stats=self._token_stats, pad_id=self.pad_id, sampling=SamplingConfig(n=r.n, temperature=r.temperature, top_p=r.top_p,
+            token_stats=self.learner.token_stats, pad_id=self.pad_id, sampling=SamplingConfig(n=r.n, temperature=r.temperature, top_p=r.top_p,
                                                         top_k=r.top_k, max_tokens=r.max_tokens, seed=seed))
         collected = collect(self.stream.next_batch, ctx, sampler=self.plugins["algorithm.sampler"],
                             group_filter=self.plugins["algorithm.group_filter"],
                             shaper=self.plugins["algorithm.reward_shaper"], prompts=self.cfg.trainer.prompts_per_step,
-                            max_rounds=a.max_sample_rounds, first_group_id=self.next_group_id, pad_id=self.pad_id)
+                            max_rounds=a.max_sample_rounds, first_group_id=self.next_group_id, pad_id=self.pad_id,
+                            policy_version=self.learner.version)
         self.next_group_id = collected.next_group_id
         self.generated_tokens += collected.generated_tokens
         return collected
@@ -177,7 +172,7 @@ class Trainer(PolicyUpdate):
                             use_chat_template=d.use_chat_template)
 
     def _push_weights(self) -> None:
-        self.engine.update_weights(self.accelerator.unwrap_model(self.model).state_dict().items())
+        self.engine.update_weights(self.learner.weights())
 
     def _resume(self) -> None:
         resume = self.cfg.trainer.resume
@@ -187,8 +182,7 @@ class Trainer(PolicyUpdate):
         path = (found[-1] if found else None) if resume == "auto" else Path(resume)
         if path is None:
             return
-        state, plugin_state = load_checkpoint(path, model=self.accelerator.unwrap_model(self.model),
-                                              optimizer=self.optimizer, scheduler=self.scheduler)
+        state, plugin_state = load_checkpoint(path, learner=self.learner)
         self.step, self.next_group_id = state["step"], state["next_group_id"]
         self.generated_tokens = state["generated_tokens"]
         self.stream.load_state_dict(state["stream"])
@@ -202,15 +196,12 @@ class Trainer(PolicyUpdate):
         state = {"next_group_id": self.next_group_id, "generated_tokens": self.generated_tokens,
                  "stream": self.stream.state_dict()}
         plugin_state = {key: p.state_dict() for key, p in self.plugins.items() if p.stateful}
-        return save_checkpoint(self.run_dir / "checkpoints", self.step,
-                               model=self.accelerator.unwrap_model(self.model), tokenizer=self.tokenizer,
-                               optimizer=self.optimizer if self.cfg.trainer.save_optimizer else None,
-                               scheduler=self.scheduler, state=state, plugin_state=plugin_state,
-                               keep_last=self.cfg.trainer.keep_last)
+        return save_checkpoint(self.run_dir / "checkpoints", self.step, learner=self.learner,
+                               save_optimizer=self.cfg.trainer.save_optimizer, state=state,
+                               plugin_state=plugin_state, keep_last=self.cfg.trainer.keep_last)
 
     def export(self, out: Path) -> None:
-        self.accelerator.unwrap_model(self.model).save_pretrained(out, safe_serialization=True)
-        self.tokenizer.save_pretrained(out)
+        self.learner.save_pretrained(out)
 
     def close(self) -> None:
         self.metrics.close()

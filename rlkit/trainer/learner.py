@@ -1,34 +1,108 @@
-"""The policy update of a step (docs/architecture.md, "The step"): micro-batched forward, token mask,
-per-token loss, one global normaliser per mini-batch, optimizer step; and the logprob helpers it uses.
+"""The Learner: the trained policy and everything that changes it (docs/architecture.md, "The Learner").
 
-`PolicyUpdate` is a part of `rlkit.trainer.Trainer`, kept in its own module; it reads the trainer's
-cfg, accelerator, model, ref_model, optimizer, scheduler, plugins, pad_id and step.
+It owns the accelerator, the model, the frozen reference (when a plug-in or the KL needs one), the optimizer
+and the LR schedule. The loop reaches the policy only through it: `update(batch)` (micro-batched forward,
+token mask, per-token loss, one global normaliser per mini-batch, optimizer step), `token_stats(batch)`,
+`weights()` for the rollout engine, `state_dict()`/`load_state_dict()` for checkpoints, and its rank facts.
 """
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Iterator
+
 import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from omegaconf import DictConfig
 
 from rlkit.algorithms import combine_loss, k3_kl, loss_normalizer
 from rlkit.algorithms.plugins import TokenMaskInputs
-from rlkit.batch import RolloutBatch
-from rlkit.trainer.logprobs import PolicyOutputs, policy_logprobs
+from rlkit.batch import PolicyOutputs, RolloutBatch
+from rlkit.registry import Plugin
+from rlkit.trainer.logprobs import policy_logprobs
 from rlkit.trainer.metrics import UpdateStats
+from rlkit.trainer.setup import load_policy
 
 # Seeds derived from cfg.seed: a large prime keeps runs with nearby seeds apart.
 SEED_MIX = 1_000_003
 
 
-class PolicyUpdate:
+class Learner:
+    """The policy under training. `version` counts the updates applied (0: the initial weights); every sample
+    a step collects carries the version that produced it (`RolloutBatch.policy_version`)."""
+
+    def __init__(self, cfg: DictConfig, plugins: dict[str, Plugin]):
+        self.cfg, self.plugins = cfg, plugins
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.trainer.mixed_precision)
+        set_seed(cfg.seed)
+        needs_reference = cfg.algorithm.loss.kl_coef > 0 or any(p.capabilities.needs_reference for p in plugins.values())
+        self.tokenizer, self.model, self.ref_model, self.optimizer, self.scheduler = load_policy(
+            cfg, self.accelerator, needs_reference=needs_reference)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        self.version = 0
+
+    # ------------------------------------------------------------------ rank facts
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world_size(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def lr(self) -> float:
+        """The scheduled learning rate of the next optimizer step."""
+        return self.scheduler.get_last_lr()[0]
+
+    # ------------------------------------------------------------------ the policy's interface
+    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF parameter name, full tensor) of every weight, the names the rollout engine loads."""
+        yield from self.accelerator.unwrap_model(self.model).state_dict().items()
+
+    def state_dict(self, *, optimizer: bool = True) -> dict:
+        """Optimizer (None with `optimizer=False`), scheduler and version; the weights go through `weights()`."""
+        return {"optimizer": self.optimizer.state_dict() if optimizer else None,
+                "scheduler": self.scheduler.state_dict(), "version": self.version}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["optimizer"] is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.version = state["version"]
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Load HF-named weights (a checkpoint's); a tied output embedding may be absent. RuntimeError on a mismatch."""
+        model = self.accelerator.unwrap_model(self.model)
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+        if set(missing) - tied or unexpected:
+            raise RuntimeError(f"the weights do not match the model: missing {missing}, unexpected {unexpected}")
+
+    def save_pretrained(self, out: Path) -> None:
+        """The policy and its tokenizer as an HF model directory."""
+        self.accelerator.unwrap_model(self.model).save_pretrained(out, safe_serialization=True)
+        self.tokenizer.save_pretrained(out)
+
+    # ------------------------------------------------------------------ the update
     def update(self, batch: RolloutBatch) -> dict[str, float]:
-        """ppo_epochs x mini_batches optimizer steps over `batch`.
+        """ppo_epochs x mini_batches optimizer steps over `batch` (advantages filled); the update's metrics.
 
         Each micro-batch's loss is backpropagated un-normalised; once the mini-batch's final loss mask
         (token masks applied) is known, the gradient is divided by the global normaliser. So rejected
         tokens leave numerator and denominator, and any micro-batch split gives the same step.
+        An empty batch (every group filtered out) takes no optimizer step. `version` goes up by one either way.
         """
+        if not len(batch):
+            self.version += 1
+            return {}
         t = self.cfg.trainer
         old_logprobs = self._old_logprobs(batch)
-        generator = torch.Generator().manual_seed(self.cfg.seed * SEED_MIX + self.step)
+        generator = torch.Generator().manual_seed(self.cfg.seed * SEED_MIX + self.version)
         stats = UpdateStats()
         for epoch in range(t.ppo_epochs):
             for mini_index, mini in enumerate(torch.randperm(len(batch), generator=generator).chunk(t.mini_batches)):
@@ -52,12 +126,13 @@ class PolicyUpdate:
         result = stats.result(batch)
         if t.log_policy_shift:
             result["actor/policy_shift_k3"] = self._policy_shift(batch, old_logprobs)
+        self.version += 1
         return result
 
     def _policy_shift(self, batch: RolloutBatch, old_logprobs: torch.Tensor) -> float:
         """Mean k3 estimate of KL(behaviour || updated policy) over the batch's response tokens (sampled by the
         behaviour policy, whose logprobs are `old_logprobs` [B,T]): one no-grad forward after the update."""
-        new = self._token_stats(batch).logprobs
+        new = self.token_stats(batch).logprobs
         mask = batch.response_mask.float()
         return float((k3_kl(old_logprobs.float(), new, mask) * mask).sum() / mask.sum().clamp(min=1))
 
@@ -70,7 +145,7 @@ class PolicyUpdate:
         keep = token_mask(TokenMaskInputs(
             response_ids=part.response_ids.to(device), mask=response_mask, advantages=advantages, hidden=out.hidden,
             lm_head=self.accelerator.unwrap_model(self.model).get_output_embeddings().weight,
-            optimizer=self.optimizer, lr=self.scheduler.get_last_lr()[0], temperature=self.cfg.rollout.temperature))
+            optimizer=self.optimizer, lr=self.lr, temperature=self.cfg.rollout.temperature))
         mask = response_mask * keep.to(response_mask.dtype)
         per_token, m = self.plugins["algorithm.policy_loss"](
             out.logprobs, old_logprobs.to(device), advantages, mask,
@@ -115,11 +190,12 @@ class PolicyUpdate:
     def _logprobs(self, model: torch.nn.Module, batch: RolloutBatch, *, grad: bool = False, hidden: bool = False):
         """`policy_logprobs` of `batch` under `model` at the sampling temperature (PolicyOutputs, tensors [b,T])."""
         with torch.set_grad_enabled(grad), self.accelerator.autocast():
-            return policy_logprobs(model, batch.prompt_ids, batch.response_ids, batch.response_mask, pad_id=self.pad_id,
+            return policy_logprobs(model, batch.prompt_ids, batch.response_ids, batch.response_mask,
+                                   lengths=batch.lengths, pad_id=self.pad_id,
                                    temperature=self.cfg.rollout.temperature,
                                    chunk_tokens=self.cfg.trainer.logprob_chunk_tokens, return_hidden=hidden)
 
-    def _token_stats(self, batch: RolloutBatch) -> PolicyOutputs:
+    def token_stats(self, batch: RolloutBatch) -> PolicyOutputs:
         """Logprobs and entropies [B,T] of the batch under the current policy, one micro-batch at a time (CPU)."""
         parts = [self._logprobs(self.model, batch.select(p))
                  for p in torch.arange(len(batch)).split(self.cfg.trainer.micro_batch_size)]
@@ -130,10 +206,10 @@ class PolicyUpdate:
         """[B,T] ratio denominators: the engine's behaviour logprobs, recomputed by the trainer where asked
         (trainer.old_logprobs=recompute) or where a response was sampled in another context (off_context)."""
         if self.cfg.trainer.old_logprobs == "recompute":
-            return self._token_stats(batch).logprobs
+            return self.token_stats(batch).logprobs
         old = batch.behavior_logprobs
         if batch.off_context is not None and batch.off_context.any():
             rows = batch.off_context.nonzero()[:, 0]
             old = old.clone()
-            old[rows] = self._token_stats(batch.select(rows)).logprobs
+            old[rows] = self.token_stats(batch.select(rows)).logprobs
         return old
