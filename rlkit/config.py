@@ -8,13 +8,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from rlkit.errors import ConfigError
 from rlkit.registry import Plugin, PluginSpec, Registry, capabilities_of, plugin_spec
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the key and the fix."""
 
 
 def cache_dir() -> str:

@@ -386,7 +386,7 @@ def test_refinements_are_trained_under_the_original_question(tmp_path, tiny_mode
         batch = trainer.collect().batch
         rows = batch.extras["is_refinement"].nonzero()[:, 0]
         assert len(rows) == 4
-        old = trainer.learner._old_logprobs(batch)  # what the loss compares against, and what the update recomputes
+        old = trainer.learner._old_logprobs(batch, torch.arange(len(batch)))  # what the loss compares against, and what the update recomputes
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, torch_dtype=torch.float32).eval()
         gaps_to_behaviour = []
         for i in rows.tolist():

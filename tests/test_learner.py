@@ -6,13 +6,14 @@ import torch
 from rlkit.batch import RolloutBatch
 from rlkit.config import ConfigError, build_plugins, compose, validate
 from rlkit.trainer.learner import Learner
+from rlkit.trainer.setup import make_accelerator
 from rlkit.trainer.logprobs import policy_logprobs
 
 
 @pytest.fixture(scope="module")
 def learner(tiny_model_dir):
     cfg = compose([f"model.path={tiny_model_dir}", "trainer.lr=1e-3", "rollout.max_tokens=8"])
-    return Learner(cfg, build_plugins(cfg))
+    return Learner(cfg, build_plugins(cfg), make_accelerator(cfg))
 
 
 def _batch(pad_id: int) -> RolloutBatch:
@@ -44,7 +45,7 @@ def test_state_dict_round_trip_restores_optimizer_scheduler_and_version(learner,
     assert learner.update(batch.select([])) == {} and learner.version == 2  # an empty batch: no step, one version
     state = learner.state_dict()
     cfg = compose([f"model.path={tiny_model_dir}", "trainer.lr=1e-3", "rollout.max_tokens=8"])
-    fresh = Learner(cfg, build_plugins(cfg))
+    fresh = Learner(cfg, build_plugins(cfg), make_accelerator(cfg))
     fresh.load_state_dict(state)
     assert fresh.version == 2 and fresh.scheduler.state_dict() == learner.scheduler.state_dict()
     moments = [s["exp_avg"] for s in fresh.optimizer.state.values()]

@@ -75,7 +75,9 @@ def _gradients(trainer, batch, micro_batch_size):
     trainer.cfg.trainer.micro_batch_size = micro_batch_size
     trainer.learner.optimizer.step = lambda *a, **k: captured.append([p.grad.clone() for p in trainer.learner.model.parameters()])
     trainer.cfg.trainer.max_grad_norm = None
+    version = trainer.learner.version
     trainer.learner.update(batch)
+    trainer.learner.version = version  # the same step again: the same mini-batch order
     return captured[0]
 
 

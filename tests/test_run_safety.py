@@ -138,10 +138,11 @@ def test_checkpoint_without_optimizer_state_loads_with_a_warning(tmp_path, tiny_
     from rlkit.config import build_plugins, compose
     from rlkit.trainer.checkpoint import load_checkpoint, save_checkpoint
     from rlkit.trainer.learner import Learner
+    from rlkit.trainer.setup import make_accelerator
 
     def learner():
         cfg = compose([f"model.path={tiny_model_dir}", "trainer.lr=1e-3"])
-        return Learner(cfg, build_plugins(cfg))
+        return Learner(cfg, build_plugins(cfg), make_accelerator(cfg))
 
     trained = learner()
     model = trained.model

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from rlkit.config import ConfigError
+from rlkit.errors import ConfigError
 from rlkit.data import build_prompt, format_question, load_rows
 from rlkit.data.sources import LOCAL_SUFFIXES
 

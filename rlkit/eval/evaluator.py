@@ -13,7 +13,7 @@ from typing import Callable, Mapping, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from rlkit.config import ConfigError
+from rlkit.errors import ConfigError
 from rlkit.eval.benchmarks import Benchmark, load_benchmark, resolve
 from rlkit.eval.estimators import maj_at_k, pass_at_k
 from rlkit.rollout import SamplingConfig

@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from rlkit.batch import RolloutBatch
+from rlkit.ranks import Ranks
 from rlkit.registry import Plugin
 from rlkit.sampling.samplers import SamplerContext
 
@@ -63,12 +64,19 @@ def collect(
     first_group_id: int,
     pad_id: int,
     policy_version: int = 0,
+    ranks: Ranks = Ranks(),
 ) -> Collected:
     """Sample rounds of `next_rows()` until `prompts` prompts survive `group_filter` (at most `max_rounds`).
 
     The first `prompts` surviving prompts are kept with all their groups; prompt_index becomes the
     prompt's position among every prompt drawn this step. Every sample is stamped with `policy_version`,
     the version of the weights the engine holds.
+
+    Over several ranks, `next_rows()` gives every rank the same global rows; each samples and scores its
+    share, with seeds shifted by the share's start (prompt i of a request is sampled from seed + i*n), so a
+    sample depends on its prompt's global position and not on the world size. The round's samples are then
+    gathered: filter, prompt count and shaper see the global batch and every rank ends its rounds together.
+    `batch` and `seen` are the global batches, the same on every rank.
     """
     kept, seen, drawn, group_id = [], [], 0, first_group_id
     generate_s = reward_s = 0.0
@@ -77,18 +85,21 @@ def collect(
     rounds = 0
     for rounds in range(1, max_rounds + 1):
         rows = next_rows()
-        ctx.sampling = dataclasses.replace(base_sampling, seed=_round_seed(base_sampling.seed, rounds - 1))
+        share = ranks.share(len(rows))
+        seed = _round_seed(base_sampling.seed, rounds - 1)
+        ctx.sampling = dataclasses.replace(base_sampling, seed=None if seed is None else seed + share.start * base_sampling.n)
         tick = time.perf_counter()
-        batch = sampler(rows, ctx, first_group_id=group_id)
+        batch = sampler(rows[share], ctx, first_group_id=ranks.first_group_id(group_id))
         generate_s += time.perf_counter() - tick
         tick = time.perf_counter()
         if batch.rewards is None:
             ctx.score(batch)
         reward_s += time.perf_counter() - tick
+        batch.prompt_index = batch.prompt_index + drawn + share.start
+        batch.policy_version = torch.full((len(batch),), policy_version, dtype=torch.long)
+        batch = ranks.gather_batch(batch, pad_id)
         if len(batch):
             group_id = int(batch.group_ids.max()) + 1
-        batch.prompt_index = batch.prompt_index + drawn
-        batch.policy_version = torch.full((len(batch),), policy_version, dtype=torch.long)
         drawn += len(rows)
         seen.append(batch)
         kept.append(batch.select(group_filter(batch).nonzero()[:, 0]))
@@ -101,7 +112,8 @@ def collect(
     tick = time.perf_counter()
     batch.rewards = shaper(batch.rewards, batch.correct, batch.lengths, batch.group_ids, scorable=batch.scorable)
     reward_s += time.perf_counter() - tick
-    return Collected(batch, RolloutBatch.concat(seen, pad_id), group_id, rounds, generate_s, reward_s, counter.tokens)
+    return Collected(batch, RolloutBatch.concat(seen, pad_id), group_id, rounds, generate_s, reward_s,
+                     int(ranks.sum(counter.tokens)))
 
 
 def _round_seed(seed: int | None, round_index: int) -> int | None:

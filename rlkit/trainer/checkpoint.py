@@ -11,42 +11,38 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rlkit.errors import ConfigError
+from rlkit.ranks import Ranks
+
 STATE_FILE = "trainer_state.json"
 TEMP_PREFIX = ".step_"  # step_N is written as .step_N.<random> and renamed when complete
 
 log = logging.getLogger("rlkit")
 
 
-def save_checkpoint(root: Path, step: int, *, learner, save_optimizer: bool, state: dict,
+def save_checkpoint(root: Path, step: int, *, learner, ranks: Ranks = Ranks(), save_optimizer: bool, state: dict,
                     plugin_state: dict, keep_last: int) -> Path:
     """Write step_N through a temp dir + rename, so a crash never leaves a half checkpoint; prune old ones.
 
     learner: a `rlkit.trainer.learner.Learner` (its HF model and tokenizer, optimizer, scheduler, version).
     save_optimizer: False leaves the optimizer state out (AdamW's is twice the model's size); a resume then
     restarts it. state: JSON-able trainer state; plugin_state: config key -> state_dict of each stateful plug-in.
+    Every rank calls it: the RNG states of all ranks are gathered and rank 0 writes; the others wait for it.
     """
-    root.mkdir(parents=True, exist_ok=True)
+    rng = ranks.gather({"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()})
     final = root / f"step_{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{step}.", dir=root))
-    learner.save_pretrained(tmp / "model")
-    torch.save(
-        {
-            **learner.state_dict(optimizer=save_optimizer),
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "python": random.getstate(),
-                "numpy": np.random.get_state(),
-            },
-            "plugins": plugin_state,
-        },
-        tmp / "optim.pt",
-    )
-    (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=1))
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old)
+    if ranks.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{step}.", dir=root))
+        learner.save_pretrained(tmp / "model")
+        torch.save({**learner.state_dict(optimizer=save_optimizer), "rng": rng, "plugins": plugin_state}, tmp / "optim.pt")
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step, "world_size": ranks.world_size, **state}, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old)
+    ranks.barrier()
     return final
 
 
@@ -66,12 +62,20 @@ def remove_stale_temps(root: Path) -> list[Path]:
     return stale
 
 
-def load_checkpoint(path: Path, *, learner) -> tuple[dict, dict]:
-    """Restore the learner (weights, optimizer, scheduler, version) and the RNG from `path`; return
+def load_checkpoint(path: Path, *, learner, ranks: Ranks = Ranks()) -> tuple[dict, dict]:
+    """Restore the learner (weights, optimizer, scheduler, version) and this rank's RNG from `path`; return
     (trainer state, plug-in states). A checkpoint saved without optimizer state leaves the optimizer fresh,
-    with a warning.
+    with a warning. A checkpoint saved by another number of processes is refused (ConfigError), naming it.
     """
     from safetensors.torch import load_file
+
+    state = json.loads((path / STATE_FILE).read_text())
+    saved_world = state.get("world_size", 1)
+    if saved_world != ranks.world_size:
+        raise ConfigError(
+            f"trainer.resume: {path} was saved by {saved_world} process(es) and this job has {ranks.world_size}; "
+            f"each rank's random state is saved and restored. Fix: launch with {saved_world} process(es) "
+            f"(accelerate launch --num_processes {saved_world}), or start a fresh run")
 
     weights = {}
     for shard in sorted((path / "model").glob("*.safetensors")):
@@ -84,9 +88,9 @@ def load_checkpoint(path: Path, *, learner) -> tuple[dict, dict]:
     if blob["optimizer"] is None:
         log.warning("resume: %s holds no optimizer state (trainer.save_optimizer=false): AdamW's moments restart "
                     "from zero, so the run does not continue exactly as an uninterrupted one", path)
-    state = json.loads((path / STATE_FILE).read_text())
     learner.load_state_dict({"version": state["step"], **blob})
-    torch.set_rng_state(blob["rng"]["torch"])
-    random.setstate(blob["rng"]["python"])
-    np.random.set_state(blob["rng"]["numpy"])
+    rng = blob["rng"][ranks.rank] if isinstance(blob["rng"], list) else blob["rng"]
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
     return state, blob["plugins"]

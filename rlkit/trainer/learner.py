@@ -18,10 +18,14 @@ from omegaconf import DictConfig
 from rlkit.algorithms import combine_loss, k3_kl, loss_normalizer
 from rlkit.algorithms.plugins import TokenMaskInputs
 from rlkit.batch import PolicyOutputs, RolloutBatch
+from rlkit.ranks import Ranks
 from rlkit.registry import Plugin
 from rlkit.trainer.logprobs import policy_logprobs
 from rlkit.trainer.metrics import UpdateStats
-from rlkit.trainer.setup import load_policy
+from rlkit.trainer.setup import DATA_PARALLEL, load_policy
+
+# Gradients are summed over ranks in flat buckets of at most this many elements.
+GRAD_BUCKET_ELEMENTS = 2**25
 
 # Seeds derived from cfg.seed: a large prime keeps runs with nearby seeds apart.
 SEED_MIX = 1_000_003
@@ -29,11 +33,16 @@ SEED_MIX = 1_000_003
 
 class Learner:
     """The policy under training. `version` counts the updates applied (0: the initial weights); every sample
-    a step collects carries the version that produced it (`RolloutBatch.policy_version`)."""
+    a step collects carries the version that produced it (`RolloutBatch.policy_version`).
 
-    def __init__(self, cfg: DictConfig, plugins: dict[str, Plugin]):
-        self.cfg, self.plugins = cfg, plugins
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.trainer.mixed_precision)
+    Over several ranks every rank calls `update` with the same global batch and trains its share of each
+    mini-batch; shares are equal in size (padded with rows that carry no loss), so every rank runs the same
+    micro-batches and joins every collective the same number of times.
+    """
+
+    def __init__(self, cfg: DictConfig, plugins: dict[str, Plugin], accelerator: Accelerator):
+        self.cfg, self.plugins, self.accelerator = cfg, plugins, accelerator
+        self.ranks = Ranks(accelerator.process_index, accelerator.num_processes)
         set_seed(cfg.seed)
         needs_reference = cfg.algorithm.loss.kl_coef > 0 or any(p.capabilities.needs_reference for p in plugins.values())
         self.tokenizer, self.model, self.ref_model, self.optimizer, self.scheduler = load_policy(
@@ -44,15 +53,20 @@ class Learner:
     # ------------------------------------------------------------------ rank facts
     @property
     def rank(self) -> int:
-        return self.accelerator.process_index
+        return self.ranks.rank
 
     @property
     def world_size(self) -> int:
-        return self.accelerator.num_processes
+        return self.ranks.world_size
 
     @property
     def is_main(self) -> bool:
-        return self.accelerator.is_main_process
+        return self.ranks.is_main
+
+    @property
+    def policy(self) -> torch.nn.Module:
+        """The HF model itself (unwrapped): what every forward runs through."""
+        return self.accelerator.unwrap_model(self.model)
 
     @property
     def lr(self) -> float:
@@ -62,7 +76,7 @@ class Learner:
     # ------------------------------------------------------------------ the policy's interface
     def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(HF parameter name, full tensor) of every weight, the names the rollout engine loads."""
-        yield from self.accelerator.unwrap_model(self.model).state_dict().items()
+        yield from self.policy.state_dict().items()
 
     def state_dict(self, *, optimizer: bool = True) -> dict:
         """Optimizer (None with `optimizer=False`), scheduler and version; the weights go through `weights()`."""
@@ -77,7 +91,7 @@ class Learner:
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Load HF-named weights (a checkpoint's); a tied output embedding may be absent. RuntimeError on a mismatch."""
-        model = self.accelerator.unwrap_model(self.model)
+        model = self.policy
         missing, unexpected = model.load_state_dict(weights, strict=False)
         tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
         if set(missing) - tied or unexpected:
@@ -85,8 +99,13 @@ class Learner:
 
     def save_pretrained(self, out: Path) -> None:
         """The policy and its tokenizer as an HF model directory."""
-        self.accelerator.unwrap_model(self.model).save_pretrained(out, safe_serialization=True)
+        self.policy.save_pretrained(out, safe_serialization=True)
         self.tokenizer.save_pretrained(out)
+
+    def close(self) -> None:
+        """Leave the process group (after the engine closed: vLLM tears down its groups first)."""
+        if self.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
     # ------------------------------------------------------------------ the update
     def update(self, batch: RolloutBatch) -> dict[str, float]:
@@ -94,23 +113,24 @@ class Learner:
 
         Each micro-batch's loss is backpropagated un-normalised; once the mini-batch's final loss mask
         (token masks applied) is known, the gradient is divided by the global normaliser. So rejected
-        tokens leave numerator and denominator, and any micro-batch split gives the same step.
+        tokens leave numerator and denominator, and any micro-batch split (or rank count) gives the same step.
         An empty batch (every group filtered out) takes no optimizer step. `version` goes up by one either way.
         """
         if not len(batch):
             self.version += 1
             return {}
         t = self.cfg.trainer
-        old_logprobs = self._old_logprobs(batch)
         generator = torch.Generator().manual_seed(self.cfg.seed * SEED_MIX + self.version)
+        plan = [[self._share(batch, mini) for mini in torch.randperm(len(batch), generator=generator).chunk(t.mini_batches)]
+                for _ in range(t.ppo_epochs)]
+        old_logprobs = self._old_logprobs(batch, torch.cat([rows for epoch in plan for rows, _ in epoch]).unique())
         stats = UpdateStats()
-        for epoch in range(t.ppo_epochs):
-            for mini_index, mini in enumerate(torch.randperm(len(batch), generator=generator).chunk(t.mini_batches)):
-                lengths = torch.tensor([len(batch.prompt_ids[i]) for i in mini]) + batch.lengths[mini]
-                mini = mini[lengths.argsort(descending=True, stable=True)]  # similar lengths share a micro-batch
+        for epoch, minis in enumerate(plan):
+            for mini_index, (rows, live) in enumerate(minis):
                 counts, losses = [], []
-                for micro in mini.split(t.micro_batch_size):
+                for micro, micro_live in zip(rows.split(t.micro_batch_size), live.split(t.micro_batch_size)):
                     part = batch.select(micro)
+                    part.response_mask = part.response_mask * micro_live[:, None]  # padding rows carry no loss
                     logprobs, loss, mask, m = self._micro_loss(part, old_logprobs[micro])
                     self.accelerator.backward(loss)
                     counts.append(self._normalizer(mask, part.response_mask))
@@ -123,28 +143,43 @@ class Learner:
                 normalizer = self._global_normalizer(counts)
                 stats.add_loss(sum(losses) / normalizer if normalizer > 0 else 0.0)
                 self._optimizer_step(normalizer, stats)
-        result = stats.result(batch)
+        result = stats.merged(self.ranks).result(batch)
         if t.log_policy_shift:
-            result["actor/policy_shift_k3"] = self._policy_shift(batch, old_logprobs)
+            mine = torch.cat([rows[live.bool()] for rows, live in plan[0]])  # epoch 0's shares partition the batch
+            result["actor/policy_shift_k3"] = self._policy_shift(batch.select(mine), old_logprobs[mine])
         self.version += 1
         return result
 
+    def _share(self, batch: RolloutBatch, mini: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's rows of a mini-batch [m] and whether each is live [s] (0: padding that carries no loss).
+
+        Rows are sorted by length (similar lengths share a micro-batch) and dealt round-robin, so ranks get
+        similar token counts; every rank gets ceil(m / world_size) rows, a short share padded with copies.
+        """
+        lengths = torch.tensor([len(batch.prompt_ids[i]) for i in mini]) + batch.lengths[mini]
+        mini = mini[lengths.argsort(descending=True, stable=True)]
+        mine = mini[self.rank :: self.world_size]
+        pad = -(-len(mini) // self.world_size) - len(mine)
+        live = torch.cat([torch.ones(len(mine)), torch.zeros(pad)])
+        return torch.cat([mine, mini[:pad]]), live
+
     def _policy_shift(self, batch: RolloutBatch, old_logprobs: torch.Tensor) -> float:
-        """Mean k3 estimate of KL(behaviour || updated policy) over the batch's response tokens (sampled by the
-        behaviour policy, whose logprobs are `old_logprobs` [B,T]): one no-grad forward after the update."""
+        """Mean k3 estimate of KL(behaviour || updated policy) over the response tokens of every rank's share
+        (sampled by the behaviour policy, whose logprobs are `old_logprobs` [b,T]): a no-grad forward after the update."""
         new = self.token_stats(batch).logprobs
         mask = batch.response_mask.float()
-        return float((k3_kl(old_logprobs.float(), new, mask) * mask).sum() / mask.sum().clamp(min=1))
+        total = self.ranks.sum(float((k3_kl(old_logprobs.float(), new, mask) * mask).sum()))
+        return total / max(self.ranks.sum(float(mask.sum())), 1.0)
 
     def _micro_loss(self, part: RolloutBatch, old_logprobs: torch.Tensor):
         """Forward one micro-batch -> (logprobs [b,T], un-normalised loss, final loss mask [b,T], metrics)."""
         device = self.accelerator.device
         token_mask = self.plugins["algorithm.token_mask"]
-        out = self._logprobs(self.model, part, grad=True, hidden=token_mask.capabilities.needs_hidden)
+        out = self._logprobs(self.policy, part, grad=True, hidden=token_mask.capabilities.needs_hidden)
         advantages, response_mask = part.advantages.to(device), part.response_mask.to(device)
         keep = token_mask(TokenMaskInputs(
             response_ids=part.response_ids.to(device), mask=response_mask, advantages=advantages, hidden=out.hidden,
-            lm_head=self.accelerator.unwrap_model(self.model).get_output_embeddings().weight,
+            lm_head=self.policy.get_output_embeddings().weight,
             optimizer=self.optimizer, lr=self.lr, temperature=self.cfg.rollout.temperature))
         mask = response_mask * keep.to(response_mask.dtype)
         per_token, m = self.plugins["algorithm.policy_loss"](
@@ -173,8 +208,14 @@ class Learner:
         return float(self.accelerator.reduce(total, reduction="sum"))
 
     def _optimizer_step(self, normalizer: float, stats: UpdateStats) -> None:
-        """Scale the accumulated gradient to the normalised loss (data parallel averages over ranks), clip, step."""
-        scale = self.accelerator.num_processes / normalizer if normalizer > 0 else 0.0
+        """Sum the gradient over ranks, scale it to the normalised loss, clip, step.
+
+        Data parallel (DDP types): one summing all-reduce here. Sharded types (FSDP, DeepSpeed) reduce in
+        backward and average over ranks, which the scale undoes."""
+        summed = self.accelerator.distributed_type in DATA_PARALLEL
+        if summed:
+            self._sum_gradients()
+        scale = (1 if summed else self.world_size) / normalizer if normalizer > 0 else 0.0
         for param in self.model.parameters():
             if param.grad is not None:
                 param.grad.mul_(scale)
@@ -187,6 +228,24 @@ class Learner:
         for plugin in self.plugins.values():
             plugin.after_optimizer_step()
 
+    def _sum_gradients(self) -> None:
+        """Every trainable parameter's gradient summed over ranks, in flat buckets (a missing gradient counts as 0)."""
+        if self.world_size == 1:
+            return
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        bucket: list[torch.Tensor] = []
+        for i, p in enumerate(params):
+            bucket.append(p.grad)
+            if i == len(params) - 1 or sum(g.numel() for g in bucket) + params[i + 1].numel() > GRAD_BUCKET_ELEMENTS:
+                flat = torch.cat([g.reshape(-1) for g in bucket])
+                torch.distributed.all_reduce(flat)
+                for g, summed in zip(bucket, flat.split([g.numel() for g in bucket])):
+                    g.copy_(summed.view_as(g))
+                bucket = []
+
     def _logprobs(self, model: torch.nn.Module, batch: RolloutBatch, *, grad: bool = False, hidden: bool = False):
         """`policy_logprobs` of `batch` under `model` at the sampling temperature (PolicyOutputs, tensors [b,T])."""
         with torch.set_grad_enabled(grad), self.accelerator.autocast():
@@ -197,19 +256,20 @@ class Learner:
 
     def token_stats(self, batch: RolloutBatch) -> PolicyOutputs:
         """Logprobs and entropies [B,T] of the batch under the current policy, one micro-batch at a time (CPU)."""
-        parts = [self._logprobs(self.model, batch.select(p))
+        parts = [self._logprobs(self.policy, batch.select(p))
                  for p in torch.arange(len(batch)).split(self.cfg.trainer.micro_batch_size)]
         return PolicyOutputs(torch.cat([p.logprobs.float().cpu() for p in parts]),
                              torch.cat([p.entropies.float().cpu() for p in parts]))
 
-    def _old_logprobs(self, batch: RolloutBatch) -> torch.Tensor:
-        """[B,T] ratio denominators: the engine's behaviour logprobs, recomputed by the trainer where asked
-        (trainer.old_logprobs=recompute) or where a response was sampled in another context (off_context)."""
-        if self.cfg.trainer.old_logprobs == "recompute":
-            return self.token_stats(batch).logprobs
-        old = batch.behavior_logprobs
-        if batch.off_context is not None and batch.off_context.any():
-            rows = batch.off_context.nonzero()[:, 0]
-            old = old.clone()
+    def _old_logprobs(self, batch: RolloutBatch, rows: torch.Tensor) -> torch.Tensor:
+        """[B,T] ratio denominators for the `rows` this rank trains: the engine's behaviour logprobs, recomputed
+        by the trainer where asked (trainer.old_logprobs=recompute) or where a response was sampled in another
+        context (off_context)."""
+        if self.cfg.trainer.old_logprobs != "recompute":
+            if batch.off_context is None or not batch.off_context.any():
+                return batch.behavior_logprobs
+            rows = rows[batch.off_context[rows]]
+        old = batch.behavior_logprobs.clone()
+        if len(rows):
             old[rows] = self.token_stats(batch.select(rows)).logprobs
         return old

@@ -10,6 +10,7 @@ import torch
 
 from rlkit.algorithms import zero_variance_groups
 from rlkit.batch import RolloutBatch
+from rlkit.ranks import Ranks
 
 log = logging.getLogger("rlkit")
 
@@ -139,6 +140,23 @@ class UpdateStats:
         self.gap_sum += diff.sum().item()
         self.gap_max = max(self.gap_max, diff.max().item())
         self.gap_tokens += mask.sum().item()
+
+    def merged(self, ranks: Ranks) -> "UpdateStats":
+        """The statistics of every rank's share together (sums added, maxima taken; grad norms are the same
+        on every rank once gradients are summed)."""
+        if ranks.world_size == 1:
+            return self
+        merged, parts = UpdateStats(), ranks.gather(self)
+        for part in parts:
+            for key in part.sums:
+                merged.sums[key] += part.sums[key]
+                merged.tokens[key] += part.tokens[key]
+            merged.gap_sum += part.gap_sum
+            merged.gap_tokens += part.gap_tokens
+            merged.gap_max = max(merged.gap_max, part.gap_max)
+        merged.losses = [sum(losses) for losses in zip(*(part.losses for part in parts))]
+        merged.grad_norms = list(self.grad_norms)
+        return merged
 
     def result(self, batch: RolloutBatch) -> dict[str, float]:
         metrics = {f"actor/{k}": self.sums[k] / max(self.tokens[k], 1.0) for k in self.sums}

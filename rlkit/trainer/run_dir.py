@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import logging
 import shutil
+import tempfile
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from rlkit.config import ConfigError
+from rlkit.errors import ConfigError
 from rlkit.trainer.checkpoint import list_checkpoints, remove_stale_temps
 
 log = logging.getLogger("rlkit")
@@ -107,6 +108,11 @@ def overlay(saved, given, base):
     for key, value in given.items():
         merged[key] = overlay(saved[key], value, base.get(key, _UNSET)) if key in saved else value
     return merged
+
+
+def rank_log_dir(cfg: DictConfig, rank: int) -> Path:
+    """Where rank `rank` > 0 keeps its library logs: outside the run directory, which rank 0 alone writes."""
+    return Path(tempfile.gettempdir()) / "rlkit" / str(cfg.logging.run_name) / f"rank{rank}"
 
 
 def check_run_dir(cfg: DictConfig) -> None:

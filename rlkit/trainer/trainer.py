@@ -7,6 +7,7 @@ reaches the policy only through the `Learner` (`rlkit.trainer.learner`).
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -25,8 +26,11 @@ from rlkit.sampling import Collected, SamplerContext, collect
 from rlkit.trainer.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from rlkit.trainer.interrupt import StopRequest
 from rlkit.trainer.metrics import MetricsLogger, rollout_metrics, step_metrics
+from rlkit.errors import ConfigError
+from rlkit.ranks import Ranks
 from rlkit.trainer.learner import SEED_MIX, Learner
-from rlkit.trainer.run_dir import CONFIG_FILE, check_run_dir, run_dir_of
+from rlkit.trainer.run_dir import CONFIG_FILE, check_run_dir, rank_log_dir, run_dir_of
+from rlkit.trainer.setup import make_accelerator
 
 log = logging.getLogger("rlkit")
 
@@ -35,25 +39,49 @@ SAMPLING_STEP_STRIDE = 10_007
 
 
 class Trainer:
+    """One process of a training job. Over several processes (accelerate launch / torchrun) every rank runs
+    the same loop on the same global batch; rank 0 alone writes the run directory (docs/distributed.md)."""
+
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
-        check_run_dir(cfg)  # refuses to overwrite a run, or to resume with changes it cannot follow; loads nothing
+        self.accelerator = make_accelerator(cfg)
+        self.ranks = Ranks(self.accelerator.process_index, self.accelerator.num_processes)
+        self._agree_on_run_dir()  # refuses to overwrite a run, or to resume with changes it cannot follow
         self.run_dir = run_dir_of(cfg)
         self.stream = PromptStream(_load_data(cfg), cfg.trainer.prompts_per_step, seed=cfg.seed)  # data errors first
-        route_library_logs(self.run_dir)  # vLLM's per-step chatter to <run>/train.log, not the console
+        # vLLM's per-step chatter to <run>/train.log (other ranks: a file of their own outside the run), not the console
+        route_library_logs(self.run_dir if self.ranks.is_main else rank_log_dir(cfg, self.ranks.rank))
         self.plugins = build_plugins(cfg)
-        self.learner = Learner(cfg, self.plugins)
+        self.learner = Learner(cfg, self.plugins, self.accelerator)
         self.tokenizer, self.pad_id = self.learner.tokenizer, self.learner.pad_id
         self.scorer = make_scorer(spec_at(cfg, "reward.verifier"), OmegaConf.to_container(cfg.reward, resolve=True))
         self.engine = make_engine(spec_at(cfg, "rollout.engine"), cfg.model.path, cfg.rollout.dtype or cfg.model.dtype)
-        self.evaluator = Evaluator(cfg, self.tokenizer, self.engine, self.scorer) if cfg.trainer.eval_every else None
+        evaluates = cfg.trainer.eval_every and self.ranks.is_main
+        self.evaluator = Evaluator(cfg, self.tokenizer, self.engine, self.scorer) if evaluates else None
         self.step, self.next_group_id, self.generated_tokens = 0, 0, 0
         self.stopped_by: int | None = None  # the signal that ended fit() early, if any
         self._resume()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg, resolve=True))  # what this run trains with
-        self.metrics = MetricsLogger(self.run_dir, cfg.logging, resume_step=self.step,
-                                     config_dict=OmegaConf.to_container(cfg, resolve=True))
+        self.metrics = None
+        if self.ranks.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg, resolve=True))  # what this run trains with
+            self.metrics = MetricsLogger(self.run_dir, cfg.logging, resume_step=self.step,
+                                         config_dict=OmegaConf.to_container(cfg, resolve=True))
+
+    def _agree_on_run_dir(self) -> None:
+        """Every rank takes rank 0's run name (`${now:...}` may differ by a second between processes); rank 0
+        alone checks, clears or refuses the run directory, and a refusal stops every rank with its message."""
+        log_cfg = self.cfg.logging
+        log_cfg.run_name = self.ranks.broadcast(str(log_cfg.run_name))
+        refusal = None
+        if self.ranks.is_main:
+            try:
+                check_run_dir(self.cfg)
+            except ConfigError as err:
+                refusal = str(err)
+        refusal = self.ranks.broadcast(refusal)
+        if refusal is not None:
+            raise ConfigError(refusal)
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> None:
@@ -62,31 +90,40 @@ class Trainer:
         from tqdm.auto import tqdm
 
         t = self.cfg.trainer
-        bar = tqdm(total=t.total_steps, initial=self.step, disable=not self.cfg.logging.progress_bar, desc="rlkit")
+        shown = self.cfg.logging.progress_bar and self.ranks.is_main
+        bar = tqdm(total=t.total_steps, initial=self.step, disable=not shown, desc="rlkit")
         try:
             with StopRequest() as stop:
                 if self.step == 0 and self.evaluator is not None:
                     self.metrics.log(0, self.evaluate())  # the initial policy, before any update
-                while self.step < t.total_steps and not self.budget_spent() and not stop.requested:
+                if self.step == 0 and t.eval_every:
+                    self.ranks.barrier()
+                while self.step < t.total_steps and not self.budget_spent() and not self._stop_requested(stop):
                     metrics = self.train_step()
                     bar.update(1)
                     bar.set_postfix(reward=f"{metrics.get('reward/mean', float('nan')):.3f}",
                                     len=f"{metrics.get('response/length_mean', float('nan')):.0f}",
                                     s=f"{metrics['time/step']:.1f}")
                     periodic = t.save_every and self.step % t.save_every == 0
-                    if periodic and self.step < t.total_steps and not stop.requested:
+                    if periodic and self.step < t.total_steps and not self._stop_requested(stop):
                         self.save()
                 path = self.save()
-                self.stopped_by = stop.signum if self.step < t.total_steps else None
+                signalled = self._stop_requested(stop)  # on one rank is on every rank (its signal, or SIGTERM)
+                self.stopped_by = (stop.signum or signal.SIGTERM) if signalled and self.step < t.total_steps else None
             if self.stopped_by is not None:
                 bar.close()
-                print(f"rlkit: stopped at step {self.step}/{t.total_steps}, checkpoint {path}. Resume: "
-                      f"{self.resume_command()}", file=sys.stderr, flush=True)
+                if self.ranks.is_main:
+                    print(f"rlkit: stopped at step {self.step}/{t.total_steps}, checkpoint {path}. Resume: "
+                          f"{self.resume_command()}", file=sys.stderr, flush=True)
             elif t.export_final:
                 self.export(self.run_dir / "final")
         finally:
             bar.close()
             self.close()
+
+    def _stop_requested(self, stop: StopRequest) -> bool:
+        """Whether any rank was asked to stop: every rank leaves the loop at the same step."""
+        return self.ranks.max(float(stop.requested)) > 0
 
     def budget_spent(self) -> bool:
         """True once trainer.max_generated_tokens tokens were generated (methods are compared at equal budgets)."""
@@ -125,10 +162,13 @@ class Trainer:
         metrics.update(step_metrics(timer, metrics, lr=self.learner.lr, rounds=collected.rounds))
         for plugin in self.plugins.values():
             metrics.update(plugin.step_metrics())
-        if self.evaluator is not None and self.step % self.cfg.trainer.eval_every == 0:
-            metrics.update(self.evaluate())  # outside time/step
-        self.metrics.log(self.step, metrics)
-        self.metrics.log_samples(self.step, batch, self.cfg.logging.samples_per_step)
+        if self.cfg.trainer.eval_every and self.step % self.cfg.trainer.eval_every == 0:
+            if self.evaluator is not None:  # rank 0 evaluates (outside time/step); the others wait
+                metrics.update(self.evaluate())
+            self.ranks.barrier()
+        if self.metrics is not None:
+            self.metrics.log(self.step, metrics)
+            self.metrics.log_samples(self.step, batch, self.cfg.logging.samples_per_step)
         return metrics
 
     # ------------------------------------------------------------------ rollouts
@@ -144,7 +184,7 @@ class Trainer:
                             group_filter=self.plugins["algorithm.group_filter"],
                             shaper=self.plugins["algorithm.reward_shaper"], prompts=self.cfg.trainer.prompts_per_step,
                             max_rounds=a.max_sample_rounds, first_group_id=self.next_group_id, pad_id=self.pad_id,
-                            policy_version=self.learner.version)
+                            policy_version=self.learner.version, ranks=self.ranks)
         self.next_group_id = collected.next_group_id
         self.generated_tokens += collected.generated_tokens
         return collected
@@ -182,7 +222,7 @@ class Trainer:
         path = (found[-1] if found else None) if resume == "auto" else Path(resume)
         if path is None:
             return
-        state, plugin_state = load_checkpoint(path, learner=self.learner)
+        state, plugin_state = load_checkpoint(path, learner=self.learner, ranks=self.ranks)
         self.step, self.next_group_id = state["step"], state["next_group_id"]
         self.generated_tokens = state["generated_tokens"]
         self.stream.load_state_dict(state["stream"])
@@ -196,17 +236,21 @@ class Trainer:
         state = {"next_group_id": self.next_group_id, "generated_tokens": self.generated_tokens,
                  "stream": self.stream.state_dict()}
         plugin_state = {key: p.state_dict() for key, p in self.plugins.items() if p.stateful}
-        return save_checkpoint(self.run_dir / "checkpoints", self.step, learner=self.learner,
+        return save_checkpoint(self.run_dir / "checkpoints", self.step, learner=self.learner, ranks=self.ranks,
                                save_optimizer=self.cfg.trainer.save_optimizer, state=state,
                                plugin_state=plugin_state, keep_last=self.cfg.trainer.keep_last)
 
     def export(self, out: Path) -> None:
-        self.learner.save_pretrained(out)
+        if self.ranks.is_main:
+            self.learner.save_pretrained(out)
+        self.ranks.barrier()
 
     def close(self) -> None:
-        self.metrics.close()
+        if self.metrics is not None:
+            self.metrics.close()
         self.scorer.close()
         self.engine.close()
+        self.learner.close()
 
 
 def _load_data(cfg: DictConfig) -> list[dict]:
