@@ -38,6 +38,8 @@ class Capabilities:
     provides_inputs: the ``estimator_inputs`` a sampler adds to every batch.
     needs_extras / provides_extras: the same for ``RolloutBatch.extras`` (per-sample tensors a policy loss or
         token mask reads, e.g. Critique-GRPO's ``is_refinement``).
+    single_process: keeps state updated from one process's data (CAPO's direction model); validation refuses it
+        in a job of several processes.
     """
 
     needs_groups: bool = False
@@ -48,6 +50,7 @@ class Capabilities:
     provides_inputs: tuple[str, ...] = ()
     needs_extras: tuple[str, ...] = ()
     provides_extras: tuple[str, ...] = ()
+    single_process: bool = False
 
 
 def declare(**capabilities) -> Callable[[T], T]:

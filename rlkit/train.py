@@ -33,6 +33,12 @@ def refusal(kind: str, err: Exception) -> str:
     return f"rlkit: {kind}: {' '.join(str(err).split())}"
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a launched job (RANK, as accelerate launch and torchrun set it), or a lone process: the one that
+    prints a refusal, so a job of N processes says it once."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def describe(path: Path) -> str:
     """The first comment line of a YAML file, Hydra's `# @package` directive skipped."""
     for line in path.read_text().splitlines():
@@ -128,10 +134,12 @@ def run(cfg: DictConfig) -> None:
         trainer = Trainer(cfg)  # may refuse too: the run directory, data (loaded first), eval benchmarks
         trainer.fit()
     except ConfigError as err:
-        print(refusal("bad config", err), file=sys.stderr)
+        if is_main_process():
+            print(refusal("bad config", err), file=sys.stderr)
         sys.exit(2)
     except DataError as err:
-        print(refusal("bad config/data", err), file=sys.stderr)
+        if is_main_process():
+            print(refusal("bad config/data", err), file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # before training started (fit() turns Ctrl-C into a checkpoint and a clean stop)
         print("rlkit: interrupted before training started; nothing was trained", file=sys.stderr)

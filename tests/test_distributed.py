@@ -1,0 +1,150 @@
+"""Two CPU processes (accelerate launch, gloo) train exactly what one process trains; rank 0 alone writes;
+resume on two processes is exact; a refusal is printed once; a killed rank ends the job (docs/distributed.md).
+
+The launches are slow (each starts vLLM in every process): the runs are shared by the tests of this module.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlkit.config import ConfigError, compose, validate
+
+ROOT = Path(__file__).parent.parent
+LAUNCH_CONFIG = ROOT / "configs" / "accelerate" / "cpu_ddp_2.yaml"
+COMMON = ["rollout.n=4", "rollout.max_tokens=16", "rollout.engine.options.max_model_len=256",
+          "trainer.prompts_per_step=4", "trainer.micro_batch_size=8", "reward.num_workers=1", "data.limit=64",
+          "logging.progress_bar=false", "reward.verifier=rl_tasks:contains_seven", "trainer.lr=1e-3",
+          "trainer.warmup_steps=2", "trainer.save_every=0", "trainer.total_steps=4"]
+# DAPO's resampling (zero_variance filter, several rounds) with GRPO-λ's top-λ ranking of the batch's groups.
+GLOBAL_STATS = ["+recipe=dapo", "algorithm.reward_shaper=grpo_lambda"]
+# Weights moved by ~2.5e-3 in 4 steps at lr 1e-3; one and two processes differ only in the order fp32 sums
+# are taken (micro-batches per rank, then the all-reduce): measured 2.2e-7.
+ATOL = 1e-5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(out: Path, model: Path, name: str, *overrides: str, procs: int, wait: bool = True):
+    """`python -m rlkit.train` in one process, or under `accelerate launch` with the 2-process CPU config."""
+    train = ["-m", "rlkit.train", f"model.path={model}", f"logging.output_dir={out}", f"logging.run_name={name}",
+             *COMMON, *overrides]
+    cmd = [sys.executable, *train] if procs == 1 else [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(LAUNCH_CONFIG),
+        "--main_process_port", str(_free_port()), *train]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(ROOT)]),
+           "VLLM_CPU_OMP_THREADS_BIND": "0-1"}
+    process = subprocess.Popen(cmd, env=env, cwd=out, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if not wait:
+        return process
+    stdout, stderr = process.communicate(timeout=900)
+    assert process.returncode == 0, stderr[-4000:]
+    return stderr
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_same_training(one: Path, two: Path) -> None:
+    a, b = load_file(one / "final" / "model.safetensors"), load_file(two / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=ATOL)
+    same = ("reward/mean", "batch/samples_trained", "batch/sample_rounds", "rollout/generated_tokens", "actor/lr")
+    close = ("actor/pg_loss", "actor/grad_norm", "actor/entropy", "rollout/logprob_gap_mean")
+    for m1, m2 in zip(_metrics(one), _metrics(two), strict=True):
+        assert {k: m1[k] for k in same} == {k: m2[k] for k in same}
+        for key in close:
+            assert m2[key] == pytest.approx(m1[key], abs=1e-5), key
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_model_dir):
+    out = tmp_path_factory.mktemp("distributed")
+    for name, overrides in (("grpo", []), ("global", GLOBAL_STATS)):
+        for procs in (1, 2):
+            launch(out, tiny_model_dir, f"{name}_{procs}", *overrides, procs=procs)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["grpo", "global"])
+def test_two_processes_train_the_weights_of_one(runs, name):
+    _assert_same_training(runs / f"{name}_1", runs / f"{name}_2")
+    rounds = [m["batch/sample_rounds"] for m in _metrics(runs / f"{name}_2")]
+    if name == "global":
+        assert max(rounds) > 1  # resampling happened, and ended at the same round on both ranks
+
+
+@pytest.mark.slow
+def test_only_rank_0_writes_the_run_directory(runs):
+    one, two = runs / "grpo_1", runs / "grpo_2"
+    assert sorted(p.relative_to(two).as_posix() for p in two.rglob("*")) == \
+        sorted(p.relative_to(one).as_posix() for p in one.rglob("*"))
+    assert len(_metrics(two)) == 4 and len((two / "samples.jsonl").read_text().splitlines()) == \
+        len((one / "samples.jsonl").read_text().splitlines())
+
+
+@pytest.mark.slow
+def test_resume_on_two_processes_is_exact(runs, tiny_model_dir):
+    launch(runs, tiny_model_dir, "resumed", "trainer.total_steps=2", procs=2)
+    launch(runs, tiny_model_dir, "resumed", "trainer.total_steps=4", "trainer.resume=auto", procs=2)
+    _assert_same_training(runs / "grpo_2", runs / "resumed")
+    state = json.loads((runs / "resumed" / "checkpoints" / "step_4" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_reused_run_name_is_refused_once_and_resume_needs_the_same_process_count(runs, tiny_model_dir):
+    process = launch(runs, tiny_model_dir, "grpo_2", procs=2, wait=False)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode != 0
+    assert stderr.count("rlkit: bad config: logging.run_name:") == 1, stderr[-3000:]
+    process = launch(runs, tiny_model_dir, "grpo_2", "trainer.resume=auto", "trainer.total_steps=5", procs=1,
+                     wait=False)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 2
+    assert "was saved by 2 process(es) and this job has 1" in stderr and "--num_processes 2" in stderr
+
+
+@pytest.mark.slow
+def test_a_killed_rank_ends_the_job_naming_it(tmp_path, tiny_model_dir):
+    process = launch(tmp_path, tiny_model_dir, "killed", "trainer.total_steps=1000", "trainer.collective_timeout_s=30",
+                     procs=2, wait=False)
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and metrics.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    family = psutil.Process(process.pid).children(recursive=True)
+    rank1 = next(p for p in family if p.environ().get("RANK") == "1" and "rlkit.train" in " ".join(p.cmdline()))
+    killed_at = time.monotonic()
+    rank1.kill()
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode != 0 and time.monotonic() - killed_at < 60
+    assert "rank      : 1" in stderr or "rank 1" in stderr, stderr[-3000:]
+    time.sleep(2)
+    assert not [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_prompts_must_split_over_the_processes_and_capo_stays_single_process(tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ConfigError, match=r"trainer.prompts_per_step: the step's 8 prompts must split evenly over the "
+                                          r"job's 3 processes .* Fix: set trainer.prompts_per_step to a multiple of 3"):
+        validate(compose([f"model.path={tiny_model_dir}"]))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    validate(compose([f"model.path={tiny_model_dir}"]))
+    with pytest.raises(ConfigError, match=r"algorithm.token_mask: capo keeps state updated from one process's tokens"):
+        validate(compose([f"model.path={tiny_model_dir}", "+recipe=capo"]))
