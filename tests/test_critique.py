@@ -476,8 +476,9 @@ def test_model_critic_sees_the_reference_solution_and_writes_what_fits(tokenizer
     texts = [tokenizer.decode(p) for p in critic_ids]
     assert len(texts) == 6 and all("Reference solution:\nThree plus four is seven" in t for t in texts[:3])
     assert all("Reference answer: 7" in t and "Reference solution" not in t for t in texts[3:])
-    assert sampling.max_tokens == 300 - max(map(len, critic_ids))  # what fits the engine beside the longest prompt
-    assert 0 < sampling.max_tokens < 300 - min(map(len, critic_ids))
+    # what fits the engine beside the longest prompt and the refinement's 16-token answer (rollout.max_tokens)
+    assert sampling.max_tokens == 300 - 16 - max(map(len, critic_ids))
+    assert 0 < sampling.max_tokens < 300 - 16 - min(map(len, critic_ids))
 
     ctx, engine = _context(tokenizer, _critic_reply)
     ctx.engine = recording = _Recording(engine)
@@ -486,7 +487,7 @@ def test_model_critic_sees_the_reference_solution_and_writes_what_fits(tokenizer
 
     ctx, engine = _context(tokenizer, _critic_reply)
     ctx.engine = recording = _Recording(engine)
-    sampler = CritiqueSampler(source="model", max_model_len=min(map(len, critic_ids)))  # no critic prompt fits
+    sampler = CritiqueSampler(source="model", max_model_len=min(map(len, critic_ids)) + 16)  # no critic prompt fits
     sampler(rows, ctx, first_group_id=0)
     assert not [p for p, _ in recording.calls if "grading" in tokenizer.decode(p[0])]
     assert sampler.step_metrics()["critique/fallbacks"] == 6  # the ground-truth text instead

@@ -96,7 +96,8 @@ class CritiqueSampler:
     or has no `Conclusion: right|wrong` line is replaced by the ground_truth text and counted.
     critic_max_tokens/temperature/top_p: the critic's sampling; critic_max_tokens null: as many as fit,
     max_model_len (the policy engine's prompt + response budget, the recipe's rollout.engine.options.max_model_len)
-    minus the longest critic prompt of the call, or the endpoint's own limit (no max_tokens sent). The critic
+    minus rollout.max_tokens (the refinement's answer) minus the longest critic prompt of the call, or the
+    endpoint's own limit (no max_tokens sent). The critic
     sees the row's reference solution where the data has one (data.solution_column), else the answer. api_key_env names the environment
     variable holding the endpoint's bearer token (None: no token); concurrency: requests in flight.
     """
@@ -196,10 +197,11 @@ class CritiqueSampler:
         if not prompts:
             return []
         ids = [build_prompt(ctx.tokenizer, text) for text in prompts]
-        fits = [i for i, p in enumerate(ids) if len(p) < self.max_model_len]  # the others fall back to ground_truth
+        room = self.max_model_len - ctx.sampling.max_tokens  # the refinement, holding the critique, needs its answer
+        fits = [i for i, p in enumerate(ids) if len(p) < room]  # the others fall back to ground_truth
         if not fits:
             return [None] * len(prompts)
-        budget = self.max_model_len - max(len(ids[i]) for i in fits)  # what every request of the call can write
+        budget = room - max(len(ids[i]) for i in fits)  # what every request of the call can write
         seed = ctx.sampling.seed
         sampling = dataclasses.replace(self.critic_sampling, seed=None if seed is None else seed + CRITIC_SEED_OFFSET,
                                        stop_token_ids=ctx.sampling.stop_token_ids,
