@@ -352,7 +352,8 @@ def test_entropy_agg_validation_names_the_key():
     assert entropy_agg_problem("token-mean", "token-mean", "capo") is None  # the same as agg: today's path
     assert entropy_agg_problem("token-mean", "seq-mean-token-sum-norm", "none") is None
     assert entropy_agg_problem("mean", "token-mean", "none").startswith("algorithm.loss.entropy_agg: unknown")
-    assert "token_mask=capo" in entropy_agg_problem("token-mean", "seq-mean-token-sum-norm", "capo")
+    assert entropy_agg_problem("token-mean", "seq-mean-token-sum-norm", "capo") is None  # N is a constant
+    assert "token_mask=capo" in entropy_agg_problem("seq-mean-token-sum", "token-mean", "capo")
 
 
 @pytest.fixture(scope="module")
@@ -409,4 +410,36 @@ def test_entropy_agg_update_is_micro_batch_invariant_and_uses_its_own_normaliser
     for g_trainer, param in zip(whole, model.parameters()):
         torch.testing.assert_close(g_trainer, param.grad, rtol=1e-4, atol=1e-6)
     assert loss_normalizer(mask, agg, scale) != loss_normalizer(mask, entropy_agg, scale)  # the two scales differ
+    model.zero_grad(set_to_none=True)
+
+
+def test_entropy_agg_with_a_token_mask_covers_every_response_token(entropy_trainer):
+    """CAPO-style rejection (one token in three) with agg seq-mean-token-sum-norm and entropy_agg token-mean:
+    the surrogate counts kept tokens over L, the bonus every response token over their number, for any split."""
+    from rlkit.algorithms import ppo_clip_surrogate
+    from rlkit.algorithms.plugins import TOKEN_MASKS
+    from rlkit.registry import PluginSpec
+    from rlkit.trainer.logprobs import policy_logprobs
+
+    trainer, batch = entropy_trainer
+    loss_cfg = trainer.cfg.algorithm.loss
+    loss_cfg.agg, loss_cfg.entropy_agg = "seq-mean-token-sum-norm", "token-mean"
+    original = trainer.plugins["algorithm.token_mask"]
+    trainer.plugins["algorithm.token_mask"] = TOKEN_MASKS.build(PluginSpec("rl_tasks:reject_every_third"))
+    try:
+        whole = _update_gradients(trainer, batch, len(batch))
+        for size in (1, 3):
+            for g_whole, g_split in zip(whole, _update_gradients(trainer, batch, size)):
+                torch.testing.assert_close(g_split, g_whole, rtol=0, atol=1e-6)
+    finally:
+        trainer.plugins["algorithm.token_mask"], loss_cfg.entropy_agg = original, None
+    model, response, scale = trainer.model, batch.response_mask, trainer.cfg.rollout.max_tokens
+    model.zero_grad(set_to_none=True)
+    out = policy_logprobs(model, batch.prompt_ids, batch.response_ids, response, pad_id=trainer.pad_id)
+    kept = response * (torch.arange(response.shape[1]) % 3 != 0).float()
+    per_token, _ = ppo_clip_surrogate(out.logprobs, batch.behavior_logprobs, batch.advantages, kept)
+    (aggregate(per_token, kept, "seq-mean-token-sum-norm", float(scale))
+     - 0.5 * aggregate(out.entropies, response, "token-mean", float(response.sum()))).backward()
+    for g_trainer, param in zip(whole, model.parameters()):
+        torch.testing.assert_close(g_trainer, param.grad, rtol=1e-4, atol=1e-6)
     model.zero_grad(set_to_none=True)

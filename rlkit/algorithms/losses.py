@@ -29,7 +29,7 @@ def entropy_agg_problem(entropy_agg: str | None, agg: str, token_mask: str) -> s
     """Why ``algorithm.loss.entropy_agg`` cannot work (one line, ``key: problem. Fix: ...``), or None.
 
     It is null or an aggregation normalised before the backward pass: a separate entropy aggregation needs
-    the policy normaliser up front, which a token mask (known only after the forward) can change.
+    the policy normaliser up front, which a token mask (known only after the forward) changes under token-mean.
     """
     key = "algorithm.loss.entropy_agg"
     if entropy_agg is None or entropy_agg == agg:
@@ -37,8 +37,8 @@ def entropy_agg_problem(entropy_agg: str | None, agg: str, token_mask: str) -> s
     if entropy_agg not in AGGREGATIONS:
         return f"{key}: unknown aggregation {entropy_agg!r}. Fix: use null (the same as algorithm.loss.agg) " \
                f"or one of {list(AGGREGATIONS)}"
-    if token_mask != "none":
-        return (f"{key}: an entropy aggregation ({entropy_agg}) other than algorithm.loss.agg ({agg}) is not "
+    if token_mask != "none" and agg == "token-mean":
+        return (f"{key}: an entropy aggregation ({entropy_agg}) other than algorithm.loss.agg=token-mean is not "
                 f"supported with algorithm.token_mask={token_mask}. Fix: set {key}=null")
     return None
 
@@ -176,11 +176,13 @@ def combine_loss(
     entropy_coef: float = 0.0,
     entropy_agg: str | None = None,
     entropy_normalizer: float | None = None,
+    entropy_mask: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """loss = agg(per_token) + kl_coef*agg(kl) - entropy_coef*agg_e(entropies); all [b,T] over ``mask``.
 
     agg_e is ``entropy_agg`` divided by ``entropy_normalizer`` (its own `loss_normalizer` of the
-    mini-batch); None for both: ``agg`` and ``normalizer``, like the other terms. The trainer, which
+    mini-batch) over ``entropy_mask`` [b,T] (default ``mask``; the trainer passes the response mask, so a
+    token mask selects policy-gradient tokens only); None for both: ``agg`` and ``normalizer``, like the other terms. The trainer, which
     passes normalizer=1 and divides the whole gradient by the policy normaliser N afterwards, passes
     entropy_normalizer = N_entropy / N. Returns (scalar loss, metrics): ``pg_loss`` (this micro-batch's aggregated surrogate), token-means
     ``kl`` and ``entropy`` when given, and ``tokens`` (the mask sum).
@@ -207,7 +209,8 @@ def combine_loss(
         metrics["entropy"] = _token_mean(entropies, keep, tokens)
         if entropy_coef > 0:
             e_agg, e_norm = (agg, normalizer) if entropy_agg is None else (entropy_agg, entropy_normalizer)
-            loss = loss - entropy_coef * aggregate(entropies.to(torch.float32), keep, e_agg, e_norm)
+            e_mask = keep if entropy_agg is None or entropy_mask is None else entropy_mask.bool()
+            loss = loss - entropy_coef * aggregate(entropies.to(torch.float32), e_mask, e_agg, e_norm)
     return loss, metrics
 
 

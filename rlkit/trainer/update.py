@@ -84,7 +84,7 @@ class PolicyUpdate:
         loss, combined = combine_loss(per_token, mask, agg=loss_cfg.agg, normalizer=1.0, kl=kl, kl_coef=loss_cfg.kl_coef,
                                       entropies=out.entropies, entropy_coef=loss_cfg.entropy_coef,
                                       entropy_agg=None if entropy_scale is None else loss_cfg.entropy_agg,
-                                      entropy_normalizer=entropy_scale)
+                                      entropy_normalizer=entropy_scale, entropy_mask=response_mask)
         m.update(combined)
         m["tokens_kept_frac"] = mask.sum() / response_mask.sum().clamp(min=1)
         return out.logprobs, loss, mask, m
@@ -103,8 +103,8 @@ class PolicyUpdate:
 
     def _entropy_normalizer(self, response_mask: torch.Tensor) -> float | None:
         """N_entropy / N_policy of a mini-batch (response_mask [B,T]) when algorithm.loss.entropy_agg differs
-        from agg, else None. Both come from the response mask before any forward: validation allows a
-        separate entropy aggregation only without a token mask, so the final loss mask is the response mask."""
+        from agg, else None. Both come from the response mask before any forward: the entropy term covers every
+        response token, and validation refuses token-mean with a token mask, the one N a token mask changes."""
         a = self.cfg.algorithm.loss
         if a.get("entropy_agg") in (None, a.agg):
             return None
