@@ -182,9 +182,11 @@ def combine_loss(
 
     agg_e is ``entropy_agg`` divided by ``entropy_normalizer`` (its own `loss_normalizer` of the
     mini-batch) over ``entropy_mask`` [b,T] (default ``mask``; the trainer passes the response mask, so a
-    token mask selects policy-gradient tokens only); None for both: ``agg`` and ``normalizer``, like the other terms. The trainer, which
-    passes normalizer=1 and divides the whole gradient by the policy normaliser N afterwards, passes
-    entropy_normalizer = N_entropy / N. Returns (scalar loss, metrics): ``pg_loss`` (this micro-batch's aggregated surrogate), token-means
+    token mask selects policy-gradient tokens only); None for both: ``agg`` and ``normalizer``, like the
+    other terms. The trainer, which passes normalizer=1 and divides the whole gradient by the policy
+    normaliser N afterwards, passes entropy_normalizer = N_entropy / N.
+
+    Returns (scalar loss, metrics): ``pg_loss`` (this micro-batch's aggregated surrogate), token-means
     ``kl`` and ``entropy`` when given, and ``tokens`` (the mask sum).
     """
     _check_shapes(per_token, mask=mask, kl=kl, entropies=entropies)

