@@ -182,6 +182,7 @@ def _check_sampler_inputs(cfg: DictConfig) -> None:
 def validate(cfg: DictConfig) -> None:
     """Refuse configs that cannot train correctly, before anything heavy starts."""
     from rlkit.algorithms import AGGREGATIONS
+    from rlkit.algorithms.losses import entropy_agg_problem
     from rlkit.rollout import ENGINES, engine_target
     from rlkit.reward.verifier_options import check_options
     from rlkit.reward.verifiers import VERIFIERS
@@ -215,6 +216,8 @@ def validate(cfg: DictConfig) -> None:
              f"{', '.join(group_users)} compares responses within a group but n={r.n}", "set rollout.n>=2")
     _require(a.loss.agg in AGGREGATIONS, "algorithm.loss.agg", f"unknown aggregation {a.loss.agg!r}",
              f"use one of {list(AGGREGATIONS)}")
+    if problem := entropy_agg_problem(a.loss.get("entropy_agg"), a.loss.agg, spec_at(cfg, "algorithm.token_mask").name):
+        raise ConfigError(problem)
     _require(r.temperature > 0, "rollout.temperature", "must be > 0 for on-policy sampling", "set e.g. 1.0")
     _require(r.max_tokens >= 1, "rollout.max_tokens", "must be >= 1", "set e.g. 128")
     _require(t.prompts_per_step >= 1, "trainer.prompts_per_step", "must be >= 1", "set e.g. 8")

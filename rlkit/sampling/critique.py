@@ -33,7 +33,7 @@ CRITIC_SEED_OFFSET = 224_737
 CRITIC_PROMPT = (
     "You are grading an attempted solution to a math problem.\n\n"
     "Problem:\n{question}\n\n"
-    "Reference answer: {answer}\n\n"
+    "{reference}\n\n"
     "Attempted solution:\n{response}\n\n"
     "Check the attempt one step at a time and explain every mistake you find. "
     "End with a last line that is exactly `Conclusion: right` or `Conclusion: wrong`."
@@ -44,6 +44,9 @@ REFINE_PROMPT = (
     "Feedback on that attempt:\n{critique}\n\n"
     "Use the feedback to solve the question again, fixing any mistakes."
 )
+# The critic's reference: the worked solution where the data has one (data.solution_column), else the answer.
+REFERENCE_SOLUTION = "Reference solution:\n{solution}"
+REFERENCE_ANSWER = "Reference answer: {answer}"
 _CONCLUSION = re.compile(r"conclusion\s*:\s*\**\s*(right|wrong)\b", re.IGNORECASE)
 
 
@@ -51,6 +54,13 @@ def rule_critique(correct: bool, answer: str | None) -> str:
     """The verifier's verdict as a critique; with the reference answer unless `answer` is None (indicative)."""
     verdict = "The attempt is correct." if correct else "The attempt is incorrect."
     return verdict if answer is None else f"{verdict} The reference answer is {answer}."
+
+
+def critic_prompt(row: dict, response: str) -> str:
+    """The chain-of-thought critic's request for one response (rlkit's wording, docs/algorithms.md)."""
+    reference = (REFERENCE_SOLUTION.format(solution=row["solution"]) if row.get("solution")
+                 else REFERENCE_ANSWER.format(answer=row["answer"]))
+    return CRITIC_PROMPT.format(question=row["question"], reference=reference, response=response)
 
 
 def critique_conclusion(text: str | None) -> str | None:
@@ -84,12 +94,18 @@ class CritiqueSampler:
     or by the OpenAI-compatible endpoint at `url` serving `model` when a url is set; correct responses get
     the ground_truth text). A model critique that fails, times out (`timeout_s`, `retries` more tries)
     or has no `Conclusion: right|wrong` line is replaced by the ground_truth text and counted.
-    critic_max_tokens/temperature/top_p: the critic's sampling; api_key_env names the environment
+    critic_max_tokens/temperature/top_p: the critic's sampling; critic_max_tokens null: as many as fit,
+    max_model_len (the policy engine's prompt + response budget, the recipe's rollout.engine.options.max_model_len)
+    minus rollout.max_tokens (the refinement's answer) minus the longest critic prompt of the call, or the
+    endpoint's own limit (no max_tokens sent). The critic
+    sees the row's reference solution where the data has one (data.solution_column), else the answer.
+    api_key_env names the environment
     variable holding the endpoint's bearer token (None: no token); concurrency: requests in flight.
     """
 
     def __init__(self, *, k: int = 1, source: str = "ground_truth", url: str | None = None, model: str | None = None,
-                 timeout_s: float = 60.0, retries: int = 2, critic_max_tokens: int = 256,
+                 timeout_s: float = 60.0, retries: int = 2, critic_max_tokens: int | None = None,
+                 max_model_len: int = 1024,
                  critic_temperature: float = 0.7, critic_top_p: float = 0.75, api_key_env: str | None = None,
                  concurrency: int = 8):
         if source not in SOURCES:
@@ -102,15 +118,15 @@ class CritiqueSampler:
         if url is not None and not model:
             raise ValueError(f"{KEY}.model: the endpoint at {url} needs the served model's name. "
                              f"Fix: set +{KEY}.model=NAME (GET {url.rstrip('/')}/models lists them)")
-        if timeout_s <= 0 or retries < 0 or concurrency < 1 or critic_max_tokens < 1:
-            raise ValueError(f"{KEY}: timeout_s > 0, retries >= 0, concurrency >= 1 and critic_max_tokens >= 1 "
-                             f"are needed, got {timeout_s}, {retries}, {concurrency}, {critic_max_tokens}. "
-                             "Fix: e.g. timeout_s=60 retries=2 concurrency=8 critic_max_tokens=256")
+        if timeout_s <= 0 or retries < 0 or concurrency < 1 or (critic_max_tokens or 1) < 1 or max_model_len < 2:
+            raise ValueError(f"{KEY}: timeout_s > 0, retries >= 0, concurrency >= 1, critic_max_tokens >= 1 (or null) "
+                             f"and max_model_len >= 2 are needed, got {timeout_s}, {retries}, {concurrency}, "
+                             f"{critic_max_tokens}, {max_model_len}. Fix: e.g. timeout_s=60 retries=2 concurrency=8 "
+                             "critic_max_tokens=null")
         self.k, self.source, self.url, self.model = k, source, url, model
         self.timeout_s, self.retries, self.concurrency = timeout_s, retries, concurrency
-        self.api_key_env = api_key_env
-        self.critic_sampling = SamplingConfig(n=1, temperature=critic_temperature, top_p=critic_top_p,
-                                              max_tokens=critic_max_tokens)
+        self.api_key_env, self.critic_max_tokens, self.max_model_len = api_key_env, critic_max_tokens, max_model_len
+        self.critic_sampling = SamplingConfig(n=1, temperature=critic_temperature, top_p=critic_top_p)
         self._counts: dict[str, float] = {}
 
     # ------------------------------------------------------------------ the sampler
@@ -164,8 +180,7 @@ class CritiqueSampler:
         if self.source == "ground_truth":
             return fallback
         wrong = [i for i, c in enumerate(correct) if not c]
-        prompts = [CRITIC_PROMPT.format(question=initial.rows[i]["question"], answer=answers[i],
-                                        response=initial.texts[i]) for i in wrong]
+        prompts = [critic_prompt(initial.rows[i], initial.texts[i]) for i in wrong]
         tick = time.perf_counter()
         written = self._ask_endpoint(prompts) if self.url is not None else self._ask_policy(prompts, ctx)
         self._add("critic_s", time.perf_counter() - tick)
@@ -178,16 +193,26 @@ class CritiqueSampler:
         self._add("model_critiques", len(wrong))
         return out
 
-    def _ask_policy(self, prompts: list[str], ctx: SamplerContext) -> list[str]:
+    def _ask_policy(self, prompts: list[str], ctx: SamplerContext) -> list[str | None]:
         """Critiques written by the policy itself through the rollout engine (chat template, no answer format)."""
         if not prompts:
             return []
         ids = [build_prompt(ctx.tokenizer, text) for text in prompts]
+        room = self.max_model_len - ctx.sampling.max_tokens  # the refinement, holding the critique, needs its answer
+        fits = [i for i, p in enumerate(ids) if len(p) < room]  # the others fall back to ground_truth
+        if not fits:
+            return [None] * len(prompts)
+        budget = room - max(len(ids[i]) for i in fits)  # what every request of the call can write
         seed = ctx.sampling.seed
         sampling = dataclasses.replace(self.critic_sampling, seed=None if seed is None else seed + CRITIC_SEED_OFFSET,
-                                       stop_token_ids=ctx.sampling.stop_token_ids)
-        completions: list[Completion] = ctx.engine.generate(ids, sampling)
-        return ctx.tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
+                                       stop_token_ids=ctx.sampling.stop_token_ids,
+                                       max_tokens=min(self.critic_max_tokens or budget, budget))
+        completions: list[Completion] = ctx.engine.generate([ids[i] for i in fits], sampling)
+        texts = ctx.tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
+        out: list[str | None] = [None] * len(prompts)
+        for i, text in zip(fits, texts):
+            out[i] = text
+        return out
 
     def _ask_endpoint(self, prompts: list[str]) -> list[str | None]:
         """Critiques from the OpenAI-compatible chat endpoint; None where every try failed."""
@@ -209,8 +234,9 @@ class CritiqueSampler:
         import httpx
 
         body = {"model": self.model, "messages": [{"role": "user", "content": prompt}],
-                "temperature": self.critic_sampling.temperature, "top_p": self.critic_sampling.top_p,
-                "max_tokens": self.critic_sampling.max_tokens}
+                "temperature": self.critic_sampling.temperature, "top_p": self.critic_sampling.top_p}
+        if self.critic_max_tokens is not None:
+            body["max_tokens"] = self.critic_max_tokens
         for attempt in range(self.retries + 1):
             if attempt:
                 time.sleep(min(0.5 * 2 ** (attempt - 1), 8.0))
@@ -265,7 +291,6 @@ class CritiqueSampler:
             metrics["critique/critic_errors"] = c.get("critic_errors", 0.0)
             metrics["critique/critic_s"] = c.get("critic_s", 0.0)
         return metrics
-
 
 
 def _any_per_prompt(batch: RolloutBatch, prompts: int) -> torch.Tensor:

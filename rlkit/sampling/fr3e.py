@@ -25,7 +25,9 @@ from rlkit.algorithms.fr3e import state_values
 from rlkit.batch import RolloutBatch
 from rlkit.sampling.samplers import SAMPLERS, SamplerContext, batch_from_completions
 
-BRANCH_SCORES = ("entropy", "surprisal")
+BRANCH_SCORES = ("entropy", "surprisal", "paragraph")
+SCORES = ("full", "continuation")
+PARAGRAPH = "\n\n"
 # Explore round r (from 1) samples with the step's seed plus r * this prime: fresh continuations, and S_0's
 # are not the base responses again.
 EXPLORE_SEED_STRIDE = 104_729
@@ -60,6 +62,33 @@ def branch_points(scores: torch.Tensor, mask: torch.Tensor, k: int) -> list[list
     return cuts
 
 
+def paragraph_cuts(token_texts: list[str], k: int) -> list[int]:
+    """Cuts at paragraph breaks (the released code's separate_by_prob=False): positions just after each
+    "\n\n" of the response (found left to right, as str.split finds them), with the text after the last
+    break (the answer) never a block. More than `k` blocks are merged into `k` consecutive ones, the first
+    ones one block longer, and each merged block ends at its last break. token_texts: the response's tokens
+    decoded one by one -> ascending cut positions (< the response length), none without a break.
+    """
+    text, ends, cuts = "", [], []
+    for piece in token_texts:
+        text += piece
+        ends.append(len(text))
+    breaks, start = [], 0
+    while (found := text.find(PARAGRAPH, start)) >= 0:
+        start = found + len(PARAGRAPH)
+        cut = next(i for i, end in enumerate(ends) if end >= start) + 1  # the token completing the break
+        if cut < len(token_texts) and (not breaks or cut > breaks[-1]):
+            breaks.append(cut)
+    quotient, remainder = divmod(len(breaks), k)
+    if quotient == 0:
+        return breaks
+    at = 0
+    for block in range(k):
+        at += quotient + (1 if block < remainder else 0)
+        cuts.append(breaks[at - 1])
+    return cuts
+
+
 def state_prompts(prompt_ids: list[int], response_ids: list[int], cuts: list[int]) -> list[list[int]]:
     """[S_0, S_1, ...]: the prompt, then prompt ⊕ response[:c] for each cut c (the token at c is resampled)."""
     return [list(prompt_ids)] + [list(prompt_ids) + list(response_ids[:c]) for c in cuts]
@@ -79,10 +108,15 @@ class State:
 
 @SAMPLERS.register("fr3e", needs_groups=True, provides_inputs=("base_ids", "state_index"))
 class FR3ESampler:
-    """FR3E rollouts; ``step_metrics()`` reports the step's branching statistics (``fr3e/...``) and resets."""
+    """FR3E rollouts; ``step_metrics()`` reports the step's branching statistics (``fr3e/...``) and resets.
+
+    branch_score: entropy | surprisal | paragraph (`paragraph_cuts`, no scoring forward). score: what the
+    verifier judges for a continuation: full (the state's prefix then the continuation) or continuation
+    (the continuation alone, as the released code, where a cut after the answer scores 0).
+    """
 
     def __init__(self, *, base_n: int = 4, c_max: int = 1, w_max: int = 1, k: int = 4,
-                 branch_score: str = "entropy", max_state_rounds: int = 1):
+                 branch_score: str = "entropy", max_state_rounds: int = 1, score: str = "full"):
         key = "algorithm.sampler.options"
         for name, value, least in (("base_n", base_n, 1), ("c_max", c_max, 0), ("w_max", w_max, 0), ("k", k, 1),
                                    ("max_state_rounds", max_state_rounds, 1)):
@@ -94,7 +128,10 @@ class FR3ESampler:
                              f"Fix: set {key}.c_max=1 {key}.w_max=1 (the released code)")
         if branch_score not in BRANCH_SCORES:
             raise ValueError(f"{key}.branch_score: unknown {branch_score!r}. Fix: use one of {list(BRANCH_SCORES)}")
-        self.base_n, self.c_max, self.w_max, self.k = base_n, c_max, w_max, k
+        if score not in SCORES:
+            raise ValueError(f"{key}.score: unknown {score!r}. Fix: use full (the prefix and the continuation) "
+                             f"or continuation (the released code)")
+        self.base_n, self.c_max, self.w_max, self.k, self.score = base_n, c_max, w_max, k, score
         self.branch_score, self.max_state_rounds = branch_score, max_state_rounds
         self._reset()
 
@@ -105,7 +142,7 @@ class FR3ESampler:
         if not len(base):
             return _empty_batch(ctx.pad_id)
         tick = time.perf_counter()
-        cuts = branch_points(self._branch_scores(base, ctx), base.response_mask, self.k)
+        cuts = self._cuts(base, ctx)
         self.scoring_s += time.perf_counter() - tick
         self.cut_fractions += [c / n for row_cuts, n in zip(cuts, base.lengths.tolist()) for c in row_cuts]
 
@@ -134,6 +171,13 @@ class FR3ESampler:
         self.bases_kept += len(base)
         return base
 
+    def _cuts(self, base: RolloutBatch, ctx: SamplerContext) -> list[list[int]]:
+        """Cut positions per kept base response: at paragraph breaks, or at the k most uncertain tokens."""
+        if self.branch_score == "paragraph":
+            return [paragraph_cuts(ctx.tokenizer.batch_decode([[t] for t in row[:n]]), self.k)
+                    for row, n in zip(base.response_ids.tolist(), base.lengths.tolist())]
+        return branch_points(self._branch_scores(base, ctx), base.response_mask, self.k)
+
     def _branch_scores(self, base: RolloutBatch, ctx: SamplerContext) -> torch.Tensor:
         """[B,T] uncertainty of each base token: full-distribution entropy, or surprisal −log p(sampled)."""
         if self.branch_score == "surprisal":
@@ -160,7 +204,8 @@ class FR3ESampler:
             answers = [rows[states[s].prompt_at] for s in pending]
             batch = batch_from_completions(prompts, answers, completions, groups, ctx)
             state_at = torch.tensor(pending, dtype=torch.long)[batch.prompt_index]
-            batch.texts = _full_texts(batch, [states[s] for s in state_at.tolist()], ctx)
+            if self.score == "full":
+                batch.texts = _full_texts(batch, [states[s] for s in state_at.tolist()], ctx)
             ctx.score(batch)
             self.rollouts += len(completions)
             self.tokens += int(batch.lengths.sum())

@@ -128,10 +128,11 @@ class Learner:
         for epoch, minis in enumerate(plan):
             for mini_index, (rows, live) in enumerate(minis):
                 counts, losses = [], []
+                entropy_scale = self._entropy_normalizer(batch.response_mask[rows[live.bool()]])
                 for micro, micro_live in zip(rows.split(t.micro_batch_size), live.split(t.micro_batch_size)):
                     part = batch.select(micro)
                     part.response_mask = part.response_mask * micro_live[:, None]  # padding rows carry no loss
-                    logprobs, loss, mask, m = self._micro_loss(part, old_logprobs[micro])
+                    logprobs, loss, mask, m = self._micro_loss(part, old_logprobs[micro], entropy_scale)
                     self.accelerator.backward(loss)
                     counts.append(self._normalizer(mask, part.response_mask))
                     losses.append(m.pop("pg_loss"))
@@ -171,8 +172,9 @@ class Learner:
         total = self.ranks.sum(float((k3_kl(old_logprobs.float(), new, mask) * mask).sum()))
         return total / max(self.ranks.sum(float(mask.sum())), 1.0)
 
-    def _micro_loss(self, part: RolloutBatch, old_logprobs: torch.Tensor):
-        """Forward one micro-batch -> (logprobs [b,T], un-normalised loss, final loss mask [b,T], metrics)."""
+    def _micro_loss(self, part: RolloutBatch, old_logprobs: torch.Tensor, entropy_scale: float | None = None):
+        """Forward one micro-batch -> (logprobs [b,T], un-normalised loss, final loss mask [b,T], metrics).
+        entropy_scale: `_entropy_normalizer` of the mini-batch (None: entropy aggregated like the policy term)."""
         device = self.accelerator.device
         token_mask = self.plugins["algorithm.token_mask"]
         out = self._logprobs(self.policy, part, grad=True, hidden=token_mask.capabilities.needs_hidden)
@@ -190,7 +192,9 @@ class Learner:
             kl = k3_kl(out.logprobs, self._logprobs(self.ref_model, part).logprobs, mask)
         loss_cfg = self.cfg.algorithm.loss
         loss, combined = combine_loss(per_token, mask, agg=loss_cfg.agg, normalizer=1.0, kl=kl, kl_coef=loss_cfg.kl_coef,
-                                      entropies=out.entropies, entropy_coef=loss_cfg.entropy_coef)
+                                      entropies=out.entropies, entropy_coef=loss_cfg.entropy_coef,
+                                      entropy_agg=None if entropy_scale is None else loss_cfg.entropy_agg,
+                                      entropy_normalizer=entropy_scale, entropy_mask=response_mask)
         m.update(combined)
         m["tokens_kept_frac"] = mask.sum() / response_mask.sum().clamp(min=1)
         return out.logprobs, loss, mask, m
@@ -200,12 +204,24 @@ class Learner:
         return loss_normalizer(mask, a.agg, a.loss_scale_factor or self.cfg.rollout.max_tokens,
                                response_mask=response_mask)
 
-    def _global_normalizer(self, counts: list[float]) -> float:
+    def _global_normalizer(self, counts: list[float], agg: str | None = None) -> float:
         """The mini-batch's denominator over every micro-batch and rank (a constant for seq-mean-token-sum-norm)."""
-        if self.cfg.algorithm.loss.agg == "seq-mean-token-sum-norm":
+        if (agg or self.cfg.algorithm.loss.agg) == "seq-mean-token-sum-norm":
             return counts[0]
-        total = torch.tensor(sum(counts), dtype=torch.float64, device=self.accelerator.device)
-        return float(self.accelerator.reduce(total, reduction="sum"))
+        return self.ranks.sum(sum(counts))
+
+    def _entropy_normalizer(self, response_mask: torch.Tensor) -> float | None:
+        """N_entropy / N_policy of a mini-batch (this rank's live rows' response_mask [b,T], summed over ranks)
+        when algorithm.loss.entropy_agg differs from agg, else None. Both come from the response mask before any
+        forward: the entropy term covers every response token, and validation refuses token-mean with a token
+        mask, the one N a token mask changes."""
+        a = self.cfg.algorithm.loss
+        if a.get("entropy_agg") in (None, a.agg):
+            return None
+        scale = a.loss_scale_factor or self.cfg.rollout.max_tokens
+        policy, entropy = (self._global_normalizer([loss_normalizer(response_mask, agg, scale)], agg)
+                           for agg in (a.agg, a.entropy_agg))
+        return entropy / policy if policy > 0 else 1.0
 
     def _optimizer_step(self, normalizer: float, stats: UpdateStats) -> None:
         """Sum the gradient over ranks, scale it to the normalised loss, clip, step.

@@ -257,4 +257,5 @@ def _load_data(cfg: DictConfig) -> list[dict]:
     d = cfg.data
     return load_rows(d.source, split=d.split, prompt_column=d.prompt_column, answer_column=d.answer_column,
                      answer_format=d.answer_format, limit=d.limit, seed=cfg.seed, skip_invalid=d.skip_invalid,
-                     options=OmegaConf.to_container(d.options, resolve=True))
+                     options=OmegaConf.to_container(d.options, resolve=True),
+                     solution_column=d.get("solution_column"))
