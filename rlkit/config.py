@@ -255,10 +255,9 @@ def world_size() -> int:
 
 def _check_world_size(cfg: DictConfig) -> None:
     """Over several processes: the step's prompts split evenly over the ranks; no plug-in that is single-process."""
-    world = world_size()
+    world, prompts = world_size(), cfg.trainer.prompts_per_step
     if world == 1:
         return
-    prompts = cfg.trainer.prompts_per_step
     _require(prompts % world == 0, "trainer.prompts_per_step", f"the step's {prompts} prompts must split evenly over "
              f"the job's {world} processes (each rank samples its share)",
              f"set trainer.prompts_per_step to a multiple of {world}, or launch a number of processes that divides {prompts}")

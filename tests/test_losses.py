@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from test_logprobs import _gradients
 
 from rlkit.algorithms import AGGREGATIONS, aggregate, loss_normalizer, policy_loss
 
@@ -373,18 +374,6 @@ def entropy_trainer(tiny_model_dir, tmp_path_factory):
     trainer.close()
 
 
-def _update_gradients(trainer, batch, micro_batch_size):
-    captured = []
-    trainer.cfg.trainer.micro_batch_size = micro_batch_size
-    trainer.cfg.trainer.max_grad_norm = None
-    learner = trainer.learner
-    learner.optimizer.step = lambda *a, **k: captured.append([p.grad.clone() for p in learner.model.parameters()])
-    version = learner.version
-    learner.update(batch)
-    learner.version = version  # the same step again: the same mini-batch order
-    return captured[0]
-
-
 @pytest.mark.parametrize("agg, entropy_agg", [("seq-mean-token-sum-norm", "token-mean"),
                                               ("token-mean", "seq-mean-token-sum"),
                                               ("seq-mean-token-mean", "seq-mean-token-sum-norm")])
@@ -397,9 +386,9 @@ def test_entropy_agg_update_is_micro_batch_invariant_and_uses_its_own_normaliser
     trainer, batch = entropy_trainer
     trainer.cfg.algorithm.loss.agg, trainer.cfg.algorithm.loss.entropy_agg = agg, entropy_agg
     try:
-        whole = _update_gradients(trainer, batch, len(batch))
+        whole = _gradients(trainer, batch, len(batch))
         for size in (1, 3):
-            for g_whole, g_split in zip(whole, _update_gradients(trainer, batch, size)):
+            for g_whole, g_split in zip(whole, _gradients(trainer, batch, size)):
                 torch.testing.assert_close(g_split, g_whole, rtol=0, atol=1e-6)
     finally:
         trainer.cfg.algorithm.loss.entropy_agg = None
@@ -430,9 +419,9 @@ def test_entropy_agg_with_a_token_mask_covers_every_response_token(entropy_train
     original = trainer.plugins["algorithm.token_mask"]
     trainer.plugins["algorithm.token_mask"] = TOKEN_MASKS.build(PluginSpec("rl_tasks:reject_every_third"))
     try:
-        whole = _update_gradients(trainer, batch, len(batch))
+        whole = _gradients(trainer, batch, len(batch))
         for size in (1, 3):
-            for g_whole, g_split in zip(whole, _update_gradients(trainer, batch, size)):
+            for g_whole, g_split in zip(whole, _gradients(trainer, batch, size)):
                 torch.testing.assert_close(g_split, g_whole, rtol=0, atol=1e-6)
     finally:
         trainer.plugins["algorithm.token_mask"], loss_cfg.entropy_agg = original, None
