@@ -6,6 +6,9 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+# What a sample is, by how it was drawn (RolloutBatch.kind); only fresh samples measure the policy on the task.
+SAMPLE_KINDS = ("fresh", "branch", "refinement")
+
 
 @dataclass
 class RolloutBatch:
@@ -28,6 +31,9 @@ class RolloutBatch:
     estimator_inputs: extra keyword tensors for the advantage estimator, e.g. FR3E's state ids [B].
     extras: other per-sample tensors a method adds ([B] or [B,T], e.g. `is_refinement`).
     policy_version: [B] long or None, the `Learner.version` whose weights sampled each response (set by collect).
+    kind: [B] what each sample is (SAMPLE_KINDS): fresh (drawn from the question alone), branch (continued
+        from a prefix of another response) or refinement (written after a critique); all fresh when not given.
+    notes: [B] dicts of text logged with each sample in samples.jsonl (e.g. a refinement's critique).
     """
 
     prompt_ids: list[list[int]]
@@ -49,10 +55,16 @@ class RolloutBatch:
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
     response_lengths: torch.Tensor | None = None
     policy_version: torch.Tensor | None = None
+    kind: list[str] | None = None
+    notes: list[dict] | None = None
 
     def __post_init__(self):
         if self.response_lengths is None:
             self.response_lengths = self.response_mask.sum(-1).long()
+        if self.kind is None:
+            self.kind = ["fresh"] * len(self)
+        if self.notes is None:
+            self.notes = [{} for _ in range(len(self))]
 
     def __len__(self) -> int:
         return len(self.prompt_ids)

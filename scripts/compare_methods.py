@@ -28,15 +28,12 @@ METHODS: dict[str, list[str]] = {
     "fr3e": ["+recipe=fr3e"],
     "critique_grpo": ["+recipe=critique_grpo"],
 }
-PANELS = (("reward/mean", "reward of fresh samples"), ("response/length_mean", "response length (tokens)"),
+PANELS = (("reward/fresh_mean", "reward of fresh samples"), ("response/length_mean", "response length (tokens)"),
           ("actor/entropy", "entropy (nats/token)"), ("reward/prompts_solved_frac", "prompts with >= 1 correct sample"),
           ("capo/rejected_frac", "CAPO rejected fraction: all tokens (solid), A > 0 (--), A < 0 (:)"),
           ("actor/policy_shift_k3", "policy shift per step (k3, log scale)"))
 # Extra lines in a panel: key -> (metric, line style) drawn in the run's colour.
 SPLITS = {"capo/rejected_frac": (("capo/rejected_frac_pos", "--"), ("capo/rejected_frac_neg", ":"))}
-# Methods whose reward/mean also covers samples that are not fresh draws from the question: their
-# comparable reward is that of the first samples (FR3E's base responses, Critique-GRPO's initial ones).
-FRESH_REWARD = {"fr3e": "fr3e/base_reward_mean", "critique_grpo": "critique/initial_accuracy"}
 
 
 def _run(args: list[str], log: Path) -> float:
@@ -79,8 +76,7 @@ def plot(out: Path, names: list[str], path: Path) -> Path:
     colours = {name: f"C{i}" for i, name in enumerate(names)}
     for ax, (key, title) in zip(axes.flat, PANELS):
         for name in names:
-            method_key = FRESH_REWARD.get(name.split("@")[0], key) if key == "reward/mean" else key
-            for metric, style in ((method_key, "-"), *SPLITS.get(key, ())):
+            for metric, style in ((key, "-"), *SPLITS.get(key, ())):
                 rows = [m for m in read_metrics(out / name) if metric in m and "rollout/generated_tokens_total" in m]
                 if rows:
                     ax.plot([m["rollout/generated_tokens_total"] for m in rows], [m[metric] for m in rows],
@@ -121,7 +117,7 @@ def table(outs: list[Path]) -> str:
         if name == "base":
             rows.append(f"| base model | - | - | {' | '.join(columns)} | - | - |")
             continue
-        reward_key = FRESH_REWARD.get(name.split("@")[0], "reward/mean")
+        reward_key = "reward/fresh_mean"  # comparable across samplers (FR3E's branches, refinements left out)
         metrics = [read_metrics(out / name) for out, _ in runs]
         steps = cell([run["steps"] for _, run in runs], mean=False)
         tokens = cell([run["generated_tokens"] for _, run in runs], mean=False)
@@ -178,8 +174,8 @@ def main() -> None:
         summary[name] = {"overrides": [*overrides, *args.extra], "budget": args.budget, "seed": args.seed,
                          "train_seconds": seconds, "steps": metrics[-1]["step"],
                          "generated_tokens": metrics[-1]["rollout/generated_tokens_total"],
-                         "reward_first2": sum(m["reward/mean"] for m in metrics[:2]) / min(2, len(metrics)),
-                         "reward_last3": sum(m["reward/mean"] for m in metrics[-3:]) / min(3, len(metrics)),
+                         "reward_first2": sum(m["reward/fresh_mean"] for m in metrics[:2]) / min(2, len(metrics)),
+                         "reward_last3": sum(m["reward/fresh_mean"] for m in metrics[-3:]) / min(3, len(metrics)),
                          "eval": evaluate(name, args.out, args.eval_limit, args.sampled_limit)}
         summary_path.write_text(json.dumps(summary, indent=1) + "\n")
         print(name, json.dumps(summary[name]), flush=True)

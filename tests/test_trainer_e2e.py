@@ -40,7 +40,7 @@ def test_recipe_runs_three_steps(tmp_path, tiny_model_dir, recipe):
     assert (tmp_path / recipe / "checkpoints" / "step_3" / "model" / "model.safetensors").is_file()
     assert any((tmp_path / recipe / "tb").glob("events.out.tfevents.*"))
     samples = (tmp_path / recipe / "samples.jsonl").read_text().splitlines()
-    assert len(samples) == 3 * 4 and {"question", "answer", "response", "reward"} <= json.loads(samples[0]).keys()
+    assert len(samples) == 3 * 4 and {"kind", "question", "answer", "response", "reward"} <= json.loads(samples[0]).keys()
     exported = load_file(tmp_path / recipe / "final" / "model.safetensors")
     initial = load_file(tiny_model_dir / "model.safetensors")
     assert any(not torch.equal(exported[k], initial[k]) for k in initial)  # the policy moved

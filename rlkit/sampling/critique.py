@@ -164,8 +164,9 @@ class CritiqueSampler:
         completions = ctx.engine.generate(refine_prompts, sampling)
         source = initial.prompt_index.tolist()
         refined = batch_from_completions([prompt_ids[p] for p in source], initial.rows, completions,
-                                         initial.group_ids.tolist(), ctx)
+                                         initial.group_ids.tolist(), ctx, kind="refinement")
         refined.prompt_index = initial.prompt_index.clone()
+        refined.notes = [{"critique": critique} for critique in critiques]
         ctx.score(refined)
         return refined
 

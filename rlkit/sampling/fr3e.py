@@ -202,8 +202,9 @@ class FR3ESampler:
             completions = ctx.engine.generate(prompts, sampling)
             groups = [int(group_of[pending[c.prompt_index]]) for c in completions]
             answers = [rows[states[s].prompt_at] for s in pending]
-            batch = batch_from_completions(prompts, answers, completions, groups, ctx)
+            batch = batch_from_completions(prompts, answers, completions, groups, ctx, kind="branch")
             state_at = torch.tensor(pending, dtype=torch.long)[batch.prompt_index]
+            batch.notes = [{"state_index": states[s].j} for s in state_at.tolist()]
             if self.score == "full":
                 batch.texts = _full_texts(batch, [states[s] for s in state_at.tolist()], ctx)
             ctx.score(batch)

@@ -43,9 +43,10 @@ def batch_from_completions(
     completions: list[Completion],
     group_ids: list[int],
     ctx: SamplerContext,
+    kind: str = "fresh",
 ) -> RolloutBatch:
     """Pad completions into a RolloutBatch; completion k answers prompt `completions[k].prompt_index`
-    and belongs to group `group_ids[k]`."""
+    and belongs to group `group_ids[k]`; every sample is of `kind` (rlkit.batch.SAMPLE_KINDS)."""
     width = max(1, max(len(c.token_ids) for c in completions))
     size = len(completions)
     response_ids = torch.full((size, width), ctx.pad_id, dtype=torch.long)
@@ -66,6 +67,7 @@ def batch_from_completions(
         truncated=torch.tensor([c.finish_reason == "length" for c in completions]),
         rows=[rows[c.prompt_index] for c in completions],
         texts=ctx.tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True),
+        kind=[kind] * size,
     )
 
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 
 from rlkit.algorithms import zero_variance_groups
-from rlkit.batch import RolloutBatch
+from rlkit.batch import SAMPLE_KINDS, RolloutBatch
 from rlkit.ranks import Ranks
+from rlkit.sampling.collect import ScoredSample
 
 log = logging.getLogger("rlkit")
 
@@ -47,15 +48,15 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
         if self.console_every and step % self.console_every == 0:
-            keys = ("reward/mean", "reward/accuracy", "response/length_mean", "actor/entropy", "time/step")
+            keys = ("reward/fresh_mean", "reward/trained_mean", "response/length_mean", "actor/entropy", "time/step")
             log.info("step %d  %s", step, "  ".join(f"{k}={metrics[k]:.4g}" for k in keys if k in metrics))
 
-    def log_samples(self, step: int, batch: RolloutBatch, count: int) -> None:
-        """Append the first `count` decoded responses of `batch` with their scores to <run>/samples.jsonl."""
+    def log_samples(self, step: int, samples: list[ScoredSample]) -> None:
+        """Append `samples` (decoded, with the verifier's reward, kind and notes) to <run>/samples.jsonl."""
         with (self.path.parent / "samples.jsonl").open("a") as f:
-            for i in range(min(count, len(batch))):
-                sample = {"question": batch.rows[i]["question"], "answer": batch.rows[i]["answer"],
-                          "response": batch.texts[i], "extracted": batch.extracted[i], "reward": batch.rewards[i].item()}
+            for s in samples:
+                sample = {"kind": s.kind, "question": s.question, "answer": s.answer, "response": s.response,
+                          "extracted": s.extracted, "reward": s.reward if s.scorable else None, **s.notes}
                 f.write(json.dumps({"step": step, **sample}) + "\n")
 
     def close(self) -> None:
@@ -98,6 +99,31 @@ def rollout_metrics(seen: RolloutBatch, batch: RolloutBatch) -> dict[str, float]
     if len(batch):
         metrics["reward/shaped_mean"] = batch.rewards[batch.scorable].mean().item() if batch.scorable.any() else 0.0
     return metrics
+
+
+def pick_samples(scored: list[ScoredSample], count: int) -> list[ScoredSample]:
+    """The first `count` samples of each kind, kinds in SAMPLE_KINDS order (a sampler's refinements are
+    logged beside its fresh responses, not crowded out by them)."""
+    return [s for kind in SAMPLE_KINDS for s in [s for s in scored if s.kind == kind][:count]]
+
+
+def reward_views(scored: list[ScoredSample], batch: RolloutBatch, verifier_rewards: torch.Tensor) -> dict[str, float]:
+    """reward/fresh_{mean,accuracy}: the verifier over every fresh sample of the step (drawn from the question
+    alone, in any round, trained or not), the same measure for every sampler. reward/trained_{mean,accuracy}:
+    the verifier over the trained batch before shaping (FR3E's branches, Critique-GRPO's refinements included).
+    Means over scorable samples, accuracies over all; a view with no sample is left out.
+    verifier_rewards: [len(batch)]."""
+    out = {}
+    fresh = [s for s in scored if s.kind == "fresh"]
+    if fresh:
+        rewards = [s.reward for s in fresh if s.scorable]
+        out["reward/fresh_mean"] = sum(rewards) / len(rewards) if rewards else 0.0
+        out["reward/fresh_accuracy"] = sum(s.correct for s in fresh) / len(fresh)
+    if len(batch):
+        scorable = batch.scorable
+        out["reward/trained_mean"] = verifier_rewards[scorable].mean().item() if scorable.any() else 0.0
+        out["reward/trained_accuracy"] = batch.correct.float().mean().item()
+    return out
 
 
 def step_metrics(timer: dict[str, float], metrics: dict[str, float], *, lr: float, rounds: int) -> dict[str, float]:

@@ -25,7 +25,7 @@ from rlkit.rollout import SamplingConfig, make_engine
 from rlkit.sampling import Collected, SamplerContext, collect
 from rlkit.trainer.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from rlkit.trainer.interrupt import StopRequest
-from rlkit.trainer.metrics import MetricsLogger, rollout_metrics, step_metrics
+from rlkit.trainer.metrics import MetricsLogger, pick_samples, reward_views, rollout_metrics, step_metrics
 from rlkit.errors import ConfigError
 from rlkit.ranks import Ranks
 from rlkit.trainer.learner import SEED_MIX, Learner
@@ -101,7 +101,8 @@ class Trainer:
                 while self.step < t.total_steps and not self.budget_spent() and not self._stop_requested(stop):
                     metrics = self.train_step()
                     bar.update(1)
-                    bar.set_postfix(reward=f"{metrics.get('reward/mean', float('nan')):.3f}",
+                    bar.set_postfix(fresh=f"{metrics.get('reward/fresh_mean', float('nan')):.3f}",
+                                    trained=f"{metrics.get('reward/trained_mean', float('nan')):.3f}",
                                     len=f"{metrics.get('response/length_mean', float('nan')):.0f}",
                                     s=f"{metrics['time/step']:.1f}")
                     periodic = t.save_every and self.step % t.save_every == 0
@@ -144,6 +145,7 @@ class Trainer:
         batch = collected.batch
         tick = time.perf_counter()
         metrics = rollout_metrics(collected.seen, batch)
+        metrics.update(reward_views(collected.scored, batch, collected.verifier_rewards))
         metrics["rollout/generated_tokens"] = float(collected.generated_tokens)
         metrics["rollout/generated_tokens_total"] = float(self.generated_tokens)
         if len(batch):
@@ -168,7 +170,7 @@ class Trainer:
             self.ranks.barrier()
         if self.metrics is not None:
             self.metrics.log(self.step, metrics)
-            self.metrics.log_samples(self.step, batch, self.cfg.logging.samples_per_step)
+            self.metrics.log_samples(self.step, pick_samples(collected.scored, self.cfg.logging.samples_per_step))
         return metrics
 
     # ------------------------------------------------------------------ rollouts
