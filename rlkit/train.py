@@ -13,6 +13,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from rlkit.cli import hydra_argv, refuse
 from rlkit.config import CONFIG_DIR, ConfigError, default_choices, default_config, register_resolvers, validate
 
 register_resolvers()
@@ -26,17 +27,6 @@ EXAMPLES = (
     ("model.path=Qwen/Qwen2.5-0.5B-Instruct rollout.n=16 trainer.lr=1e-6", "another model and numbers"),
     ("logging.run_name=exp1 trainer.resume=auto", "continue run exp1 from its last checkpoint"),
 )
-
-
-def refusal(kind: str, err: Exception) -> str:
-    """The one line printed for a refused config or dataset: `rlkit: <kind>: <key>: <problem>. Fix: <fix>`."""
-    return f"rlkit: {kind}: {' '.join(str(err).split())}"
-
-
-def is_main_process() -> bool:
-    """Rank 0 of a launched job (RANK, as accelerate launch and torchrun set it), or a lone process: the one that
-    prints a refusal, so a job of N processes says it once."""
-    return os.environ.get("RANK", "0") == "0"
 
 
 def describe(path: Path) -> str:
@@ -109,13 +99,6 @@ def help_text(config_dir: Path = Path(CONFIG_DIR), recipe_dir: Path = ROOT / "re
     return "\n".join(lines)
 
 
-def hydra_argv(argv: list[str]) -> list[str]:
-    """Hydra's arguments, with `--resolve` added to `--cfg`/`-c` so printed configs show values, not `${...}`."""
-    if any(a in ("--cfg", "-c") or a.startswith("--cfg=") for a in argv) and "--resolve" not in argv:
-        return [*argv, "--resolve"]
-    return argv
-
-
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def run(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
@@ -134,13 +117,9 @@ def run(cfg: DictConfig) -> None:
         trainer = Trainer(cfg)  # may refuse too: the run directory, data (loaded first), eval benchmarks
         trainer.fit()
     except ConfigError as err:
-        if is_main_process():
-            print(refusal("bad config", err), file=sys.stderr)
-        sys.exit(2)
+        refuse("bad config", err)
     except DataError as err:
-        if is_main_process():
-            print(refusal("bad config/data", err), file=sys.stderr)
-        sys.exit(2)
+        refuse("bad config/data", err)
     except KeyboardInterrupt:  # before training started (fit() turns Ctrl-C into a checkpoint and a clean stop)
         print("rlkit: interrupted before training started; nothing was trained", file=sys.stderr)
         sys.exit(130)

@@ -5,8 +5,9 @@ import sys
 
 import pytest
 
+from rlkit.cli import hydra_argv, refusal
 from rlkit.config import compose
-from rlkit.train import EXAMPLES, help_text, hydra_argv, refusal
+from rlkit.train import EXAMPLES, help_text
 
 
 def _cli(*args, **env):
@@ -103,3 +104,4 @@ def test_data_error_is_one_line_before_any_model_loads(tmp_path):
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("rlkit: bad config/data: data.answer_column: ") and "solution" in last and "Fix: " in last
+

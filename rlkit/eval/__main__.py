@@ -11,8 +11,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from rlkit.cli import hydra_argv, refuse
 from rlkit.config import CONFIG_DIR, ConfigError, register_resolvers
-from rlkit.train import hydra_argv, refusal
 
 register_resolvers()
 
@@ -25,8 +25,7 @@ def run(cfg: DictConfig) -> None:
     try:
         run_job(cfg)
     except ConfigError as err:
-        print(refusal("bad config", err), file=sys.stderr)
-        sys.exit(2)
+        refuse("bad config", err)
 
 
 def main() -> None:
