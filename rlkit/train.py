@@ -14,7 +14,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from rlkit.cli import hydra_argv, refuse
-from rlkit.config import CONFIG_DIR, ConfigError, default_choices, default_config, register_resolvers, validate
+from rlkit.config import (CONFIG_DIR, ConfigError, default_choices, default_config, register_resolvers, spec_at,
+                          validate)
 
 register_resolvers()
 ROOT = Path(CONFIG_DIR).parent
@@ -99,6 +100,15 @@ def help_text(config_dir: Path = Path(CONFIG_DIR), recipe_dir: Path = ROOT / "re
     return "\n".join(lines)
 
 
+def check_reward_service(cfg: DictConfig) -> None:
+    """With `reward.url` set, refuse now (a ConfigError) a service that is not there or refuses the token or the
+    verifier, before the model loads; the Trainer connects again for the run."""
+    if cfg.reward.url:
+        from rlkit.reward.scorer import connect
+
+        connect(spec_at(cfg, "reward.verifier"), OmegaConf.to_container(cfg.reward, resolve=True)).close()
+
+
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def run(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
@@ -112,6 +122,7 @@ def run(cfg: DictConfig) -> None:
         # A resume runs the run's config.yaml with the command line's changes on top.
         cfg = continue_from_saved(cfg, default_config(), list(HydraConfig.get().overrides.task))
         validate(cfg)
+        check_reward_service(cfg)
         from rlkit.trainer.trainer import Trainer
 
         trainer = Trainer(cfg)  # may refuse too: the run directory, data (loaded first), eval benchmarks
