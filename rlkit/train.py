@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
+import textwrap
 from pathlib import Path
 
 import hydra
@@ -19,6 +21,7 @@ from rlkit.config import (CONFIG_DIR, ConfigError, default_choices, default_conf
 
 register_resolvers()
 ROOT = Path(CONFIG_DIR).parent
+HELP_WIDTH = 120  # columns of --help; descriptions wrap under themselves
 
 # (overrides, what they do): each one is composed by tests/test_cli.py, so they stay valid.
 EXAMPLES = (
@@ -31,14 +34,34 @@ EXAMPLES = (
 
 
 def describe(path: Path) -> str:
-    """The first comment line of a YAML file, Hydra's `# @package` directive skipped."""
+    """The first sentence of a YAML file's opening comment (Hydra's `# @package` directive skipped): its first
+    line whole, and when that stops mid-sentence, the next lines up to the first full stop."""
+    lines = []
     for line in path.read_text().splitlines():
         text = line.strip()
-        if text.startswith("#") and not text.startswith("# @package"):
-            return text.lstrip("#").strip()
-        if text and not text.startswith("#"):
+        if not text.startswith("#"):
             break
-    return ""
+        if not text.startswith("# @package"):
+            lines.append(text.lstrip("#").strip())
+    if not lines:
+        return ""
+    words = [lines[0]]
+    for line in lines[1:]:
+        if words[-1].endswith((".", "!", "?")):
+            break
+        end = re.search(r"[.!?](\s|$)", line)
+        words.append(line[: end.end()].strip() if end else line)
+    return " ".join(words)
+
+
+def _rows(rows: list[tuple[str, str]], width: int) -> list[str]:
+    """Two columns, the right one wrapped at HELP_WIDTH under itself."""
+    out = []
+    for left, right in rows:
+        first, *rest = textwrap.wrap(right, HELP_WIDTH - width - 2, break_on_hyphens=False) or [""]
+        out.append(f"  {left:<{width}}{first}".rstrip())
+        out += [" " * (width + 2) + line for line in rest]
+    return out
 
 
 def config_groups(config_dir: Path, defaults: dict[str, str]) -> dict[str, list[str]]:
@@ -71,6 +94,10 @@ def help_text(config_dir: Path = Path(CONFIG_DIR), recipe_dir: Path = ROOT / "re
         "Each step samples responses with the rollout engine, scores them with the verifier, computes",
         "advantages, updates the policy and pushes the new weights into the engine.",
         "",
+        "The default job (no overrides): 40 steps (trainer.total_steps) of SmolLM2-135M on 2-term arithmetic.",
+        "Measured on a 2-core CPU: about 25 minutes of steps, a trainer RSS of 8.5-10 GB, and 3.8 GB on disk at",
+        "the end (two checkpoints of 1.62 GB and final/; docs/default_run.md). trainer.total_steps=N for fewer.",
+        "",
         "usage: python -m rlkit.train [+recipe=NAME] [GROUP=CHOICE ...] [KEY=VALUE ...]",
         "",
         "Config groups (GROUP=CHOICE; * the default):",
@@ -80,9 +107,9 @@ def help_text(config_dir: Path = Path(CONFIG_DIR), recipe_dir: Path = ROOT / "re
     recipes = [(f"+recipe={p.stem}", describe(p)) for p in sorted(recipe_dir.glob("*.yaml"))]
     examples = [(f"python -m rlkit.train {o}", what) for o, what in EXAMPLES]
     width = max(len(left) for left, _ in rows + recipes) + 2
-    lines += [f"  {left:<{width}}{right}".rstrip() for left, right in rows]
+    lines += _rows(rows, width)
     lines += ["", "Recipes (the settings of one published method; they compose with any override):"]
-    lines += [f"  {left:<{width}}{right}".rstrip() for left, right in recipes]
+    lines += _rows(recipes, width)
     lines += ["", "Examples (any KEY=VALUE overrides a default; every key is commented in configs/):"]
     lines += [f"  {left}\n      {what}" for left, what in examples]
     lines += [
@@ -91,6 +118,8 @@ def help_text(config_dir: Path = Path(CONFIG_DIR), recipe_dir: Path = ROOT / "re
         f"(default: {logs['output_dir']}/{logs['run_name']}/): config.yaml, metrics.jsonl, samples.jsonl,",
         "checkpoints/step_N/ and final/ (the trained HF model, unless trainer.export_final=false).",
         "Plot them: python -m rlkit.plot runs/<name> [runs/<other> ...] [--smooth N]",
+        "logging.wandb=true also logs to W&B; with no network, WANDB_MODE=offline keeps the run in <run>/wandb/",
+        "for a later `wandb sync`.",
         "",
         "More:",
         "  python -m rlkit.train --cfg job [KEY=VALUE ...]   print the composed config, values resolved",

@@ -32,13 +32,43 @@ def test_help_lists_groups_recipes_examples_and_run_directory():
     assert "--cfg job" in text and "docs" in text and "--hydra-help" in text
 
 
-def test_every_choice_and_recipe_is_described():
-    text = help_text()
+def _described(text: str) -> dict[str, str]:
+    """{choice or recipe: its description} from --help's two-column rows, wrapped lines joined."""
     start, end = text.index("Config groups"), text.index("Examples")
-    entries = [line.split(maxsplit=2) for line in text[start:end].splitlines() if line.startswith("  ")]
-    assert len(entries) >= 10
-    undescribed = [e[0] for e in entries if len(e) < 2 or (e[1] == "*" and len(e) < 3)]
+    rows = {}
+    for line in text[start:end].splitlines():
+        if line.startswith("   "):  # a wrapped description goes on under its row
+            rows[last] += " " + line.strip()
+        elif line.startswith("  "):
+            last, _, what = line.strip().partition(" ")
+            rows[last] = what.strip().removeprefix("* ")
+    return rows
+
+
+def test_every_choice_and_recipe_is_described():
+    rows = _described(help_text())
+    assert len(rows) >= 10
+    undescribed = [left for left, what in rows.items() if not what]
     assert not undescribed, f"give these files a first comment line: {undescribed}"
+
+
+def test_help_shows_whole_sentences():
+    rows = _described(help_text())
+    assert rows["+recipe=fr3e"].endswith("explore from the uncertain positions of a few base responses.")
+    assert rows["+recipe=grpo_lambda"].endswith("a length reward for the best-solved groups, then GRPO.")
+    assert rows["+recipe=dr_grpo"].startswith("Dr. GRPO (arXiv 2503.20783): no std normalisation")
+    cut = [left for left, what in rows.items() if not what.endswith((".", ".)"))]
+    assert not cut, f"descriptions cut mid-sentence: {cut}"
+    text = help_text()
+    assert max(len(line) for line in text[text.index("Config groups"):text.index("Examples")].splitlines()) <= 120
+
+
+def test_help_states_the_default_jobs_time_memory_and_disk():
+    text = " ".join(help_text().split())
+    assert compose([]).trainer.total_steps == 40  # the job these numbers were measured on
+    for fact in ("40 steps", "about 25 minutes of steps", "RSS of 8.5-10 GB", "3.8 GB on disk", "2-core CPU"):
+        assert fact in text
+    assert "WANDB_MODE=offline" in text
 
 
 def test_help_loads_no_model_code():
