@@ -2,6 +2,7 @@
 refusal. A leaf for them: it imports no rlkit module, so neither command borrows from the other."""
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from typing import NoReturn
@@ -23,6 +24,12 @@ def refuse(kind: str, err: Exception) -> NoReturn:
     if is_main_process():
         print(refusal(kind, err), file=sys.stderr)
     sys.exit(2)
+
+
+def quiet_http_logs() -> None:
+    """Keep httpx's INFO line per request (reward service, model critic) off the console; its warnings stay."""
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def hydra_argv(argv: list[str]) -> list[str]:

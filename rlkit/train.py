@@ -15,7 +15,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from rlkit.cli import hydra_argv, refuse
+from rlkit.cli import hydra_argv, quiet_http_logs, refuse
 from rlkit.config import (CONFIG_DIR, ConfigError, default_choices, default_config, register_resolvers, spec_at,
                           validate)
 
@@ -146,6 +146,7 @@ def run(cfg: DictConfig) -> None:
     from rlkit.trainer.run_dir import continue_from_saved
 
     logging.getLogger("rlkit").setLevel(logging.INFO)
+    quiet_http_logs()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         # A resume runs the run's config.yaml with the command line's changes on top.

@@ -190,6 +190,7 @@ def test_reward_service_token_refusal_names_the_variable(tmp_path, token, proble
                                  f"logging.output_dir={tmp_path}", f"reward.url={url}"], capture_output=True,
                                 text=True, timeout=120, env=env)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert not result.stdout.strip(), result.stdout  # was: httpx's "HTTP Request: POST ... 401" line
     [line] = result.stderr.strip().splitlines()
     assert line.startswith(f"rlkit: bad config: reward.token_env: the reward service at {url} {problem}. Fix: "
                            f"export RLKIT_REWARD_TOKEN=") and "as token=" not in line

@@ -11,7 +11,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from rlkit.cli import hydra_argv, refuse
+from rlkit.cli import hydra_argv, quiet_http_logs, refuse
 from rlkit.config import CONFIG_DIR, ConfigError, register_resolvers
 
 register_resolvers()
@@ -20,6 +20,7 @@ register_resolvers()
 @hydra.main(config_path=CONFIG_DIR, config_name="eval", version_base="1.3")
 def run(cfg: DictConfig) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_http_logs()
     from rlkit.eval.job import run_job
 
     try:
