@@ -34,7 +34,7 @@ EXAMPLES = (
 
 
 def describe(path: Path) -> str:
-    """The first sentence of a YAML file's opening comment (Hydra's `# @package` directive skipped): its first
+    """The opening of a YAML file's first comment block (Hydra's `# @package` directive skipped): its first
     line whole, and when that stops mid-sentence, the next lines up to the first full stop."""
     lines = []
     for line in path.read_text().splitlines():
