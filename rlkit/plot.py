@@ -11,6 +11,7 @@ import json
 import logging
 import re
 import sys
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,7 @@ class Panel:
     title: str  # y-axis label
     spread: str | None = None  # standard deviation drawn as a band around the curve, clipped at 0 (lengths)
     smooth: bool = True  # whether --smooth applies (not to eval curves: each point is already a benchmark mean)
+    constant: str = ""  # why the metric can be constant by construction, written when it never moves
 
 
 TRAIN_PANELS = (
@@ -37,7 +39,8 @@ TRAIN_PANELS = (
     Panel("actor/entropy", "entropy (nats/token)"),
     Panel("rollout/logprob_gap_mean", "|vLLM - trainer| logprob"),
     Panel("actor/kl", "KL to reference"),
-    Panel("actor/clip_frac", "clip fraction"),
+    Panel("actor/clip_frac", "clip fraction", constant="exactly on-policy (one update per batch): the ratio is 1 "
+                                                       "up to the logprob gap, so nothing is clipped"),
     Panel("time/step", "step time (s)"),
 )
 
@@ -117,8 +120,28 @@ def _x_values(rows: list[dict], x: str) -> list[float]:
     return xs
 
 
+def constant_value(data: list[list[dict]], key: str) -> float | None:
+    """The one value `key` takes in every row of every run, when it has at least two and never moves."""
+    values = [m[key] for rows in data for m in rows if _numeric(m.get(key))]
+    if len(values) >= 2 and max(values) - min(values) <= 1e-12 * max(1.0, abs(values[0])):
+        return values[0]
+    return None
+
+
 def plot_runs(runs: list[Path], out: Path, *, x: str = "step", smooth: int = 1) -> Path:
-    """Draw every run's curves into one PNG; with smooth > 1 a moving average over the faint raw curve."""
+    """Draw every run's curves into one PNG (`figure`)."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(runs, x=x, smooth=smooth)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def figure(runs: list[Path], *, x: str = "step", smooth: int = 1):
+    """The runs' curves as a matplotlib Figure, a panel per metric; with smooth > 1 a moving average over the
+    faint raw curve. A panel whose metric never moves says so in words instead of drawing a flat line."""
     paths = [metrics_path(r) for r in runs]
     names = [p.parent.name if p.name == "metrics.jsonl" else p.stem for p in paths]
     labels = [name if names.count(name) == 1 else str(p) for name, p in zip(names, paths)]
@@ -131,7 +154,9 @@ def plot_runs(runs: list[Path], out: Path, *, x: str = "step", smooth: int = 1) 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
+    constants = {p.key: constant_value(data, p.key) for p in panels}
     cols = 2 if len(panels) > 4 else 1
     rows_n = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows_n, cols, figsize=(6.5 * cols, 2.3 * rows_n), sharex=True, squeeze=False)
@@ -140,6 +165,8 @@ def plot_runs(runs: list[Path], out: Path, *, x: str = "step", smooth: int = 1) 
         color = colors[i % len(colors)]
         xs = _x_values(rows, x)
         for ax, panel in zip(axes.flat, panels):
+            if constants[panel.key] is not None:
+                continue
             points = [(xv, m[panel.key], m.get(panel.spread, 0.0))
                       for xv, m in zip(xs, rows) if _numeric(m.get(panel.key))]
             if not points:
@@ -156,20 +183,25 @@ def plot_runs(runs: list[Path], out: Path, *, x: str = "step", smooth: int = 1) 
     for ax, panel in zip(axes.flat, panels):
         ax.set_ylabel(panel.title, fontsize=8)
         ax.grid(alpha=0.3)
+        if x == "step":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if constants[panel.key] is not None:
+            ax.set_yticks([])
+            words = "\n".join([f"{constants[panel.key]:g} at every logged step", *textwrap.wrap(panel.constant, 60)])
+            ax.text(0.5, 0.5, words, transform=ax.transAxes, ha="center", va="center", fontsize=8)
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
     for column in range(cols):  # the lowest drawn panel of each column carries the x axis
         ax = [a for a in axes[:, column] if a.get_visible()][-1]
         ax.xaxis.set_tick_params(labelbottom=True)
         ax.set_xlabel("step" if x == "step" else "wall-clock minutes")
-    axes[0, 0].legend(fontsize=8)
+    drawn = [ax for ax in axes.flat if ax.lines]
+    if drawn:
+        drawn[0].legend(fontsize=8)
     if smooth > 1:
         fig.suptitle(f"moving average over {smooth} steps (raw curves faint)", fontsize=9)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return fig
 
 
 def _positive(text: str) -> int:

@@ -1,17 +1,21 @@
 """`python -m rlkit.train` as a user meets it: its own --help, resolved --cfg, one-line refusals."""
+import os
 import re
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
+from rlkit.cli import hydra_argv, refusal
 from rlkit.config import compose
-from rlkit.train import EXAMPLES, help_text, hydra_argv, refusal
+from rlkit.reward.client import RewardClient, RewardServiceError
+from rlkit.reward.service import ServiceSettings
+from rlkit.train import EXAMPLES, help_text
 
 
 def _cli(*args, **env):
-    import os
-
     return subprocess.run([sys.executable, "-m", "rlkit.train", *map(str, args)], capture_output=True, text=True,
                           timeout=120, env={**os.environ, **env})
 
@@ -28,13 +32,43 @@ def test_help_lists_groups_recipes_examples_and_run_directory():
     assert "--cfg job" in text and "docs" in text and "--hydra-help" in text
 
 
-def test_every_choice_and_recipe_is_described():
-    text = help_text()
+def _described(text: str) -> dict[str, str]:
+    """{choice or recipe: its description} from --help's two-column rows, wrapped lines joined."""
     start, end = text.index("Config groups"), text.index("Examples")
-    entries = [line.split(maxsplit=2) for line in text[start:end].splitlines() if line.startswith("  ")]
-    assert len(entries) >= 10
-    undescribed = [e[0] for e in entries if len(e) < 2 or (e[1] == "*" and len(e) < 3)]
+    rows = {}
+    for line in text[start:end].splitlines():
+        if line.startswith("   "):  # a wrapped description goes on under its row
+            rows[last] += " " + line.strip()
+        elif line.startswith("  "):
+            last, _, what = line.strip().partition(" ")
+            rows[last] = what.strip().removeprefix("* ")
+    return rows
+
+
+def test_every_choice_and_recipe_is_described():
+    rows = _described(help_text())
+    assert len(rows) >= 10
+    undescribed = [left for left, what in rows.items() if not what]
     assert not undescribed, f"give these files a first comment line: {undescribed}"
+
+
+def test_help_shows_whole_sentences():
+    rows = _described(help_text())
+    assert rows["+recipe=fr3e"].endswith("explore from the uncertain positions of a few base responses.")
+    assert rows["+recipe=grpo_lambda"].endswith("a length reward for the best-solved groups, then GRPO.")
+    assert rows["+recipe=dr_grpo"].startswith("Dr. GRPO (arXiv 2503.20783): no std normalisation")
+    cut = [left for left, what in rows.items() if not what.endswith((".", ".)"))]
+    assert not cut, f"descriptions cut mid-sentence: {cut}"
+    text = help_text()
+    assert max(len(line) for line in text[text.index("Config groups"):text.index("Examples")].splitlines()) <= 120
+
+
+def test_help_states_the_default_jobs_time_memory_and_disk():
+    text = " ".join(help_text().split())
+    assert compose([]).trainer.total_steps == 40  # the job these numbers were measured on
+    for fact in ("40 steps", "about 25 minutes of steps", "RSS of 8.5-10 GB", "3.8 GB on disk", "2-core CPU"):
+        assert fact in text
+    assert "WANDB_MODE=offline" in text
 
 
 def test_help_loads_no_model_code():
@@ -103,3 +137,60 @@ def test_data_error_is_one_line_before_any_model_loads(tmp_path):
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("rlkit: bad config/data: data.answer_column: ") and "solution" in last and "Fix: " in last
+
+
+def _not_a_model(tmp_path):
+    """Passes validation, fails any tokenizer or model load: a refusal that comes after a load shows a traceback."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    return folder
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_reward_service_without_a_server_is_refused_in_seconds_before_any_model_loads(tmp_path):
+    port = _free_port()
+    code = ("import sys; from rlkit.train import main\ntry: main()\nexcept SystemExit as e: code = e.code\n"
+            "assert 'transformers' not in sys.modules and 'vllm' not in sys.modules; sys.exit(code)")
+    argv = ["rlkit.train", f"model.path={_not_a_model(tmp_path)}", f"logging.output_dir={tmp_path}",
+            f"reward.url=http://127.0.0.1:{port}"]
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", f"import sys; sys.argv = {argv!r}\n{code}"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert time.monotonic() - start < 20  # was 40 s: 28 of them retrying the refused connection
+    assert result.stderr.strip().splitlines() == [
+        f"rlkit: bad config: reward.url: nothing is listening at http://127.0.0.1:{port} (connection refused). "
+        f"Fix: start `python -m rlkit.reward.serve --port {port}` there first, or set reward.url=null to score "
+        f"in-process"]
+
+
+def test_client_check_does_not_retry_a_refused_connection():
+    with RewardClient(f"http://127.0.0.1:{_free_port()}", verifier="math", retries=3, backoff_s=5.0) as client:
+        with pytest.raises(RewardServiceError, match="cannot be reached") as caught:
+            client.check()
+        assert caught.value.refused and client.stats["retries"] == 0
+
+
+@pytest.mark.parametrize("token, problem", [(None, "wants a token and $RLKIT_REWARD_TOKEN is unset"),
+                                            ("wrong", "refused the token in $RLKIT_REWARD_TOKEN")])
+def test_reward_service_token_refusal_names_the_variable(tmp_path, token, problem):
+    from test_reward_service import running
+
+    env = {k: v for k, v in os.environ.items() if k != "RLKIT_REWARD_TOKEN"}
+    if token:
+        env["RLKIT_REWARD_TOKEN"] = token
+    with running(ServiceSettings(workers=1, token="s3cret-token")) as (url, _):
+        result = subprocess.run([sys.executable, "-m", "rlkit.train", f"model.path={_not_a_model(tmp_path)}",
+                                 f"logging.output_dir={tmp_path}", f"reward.url={url}"], capture_output=True,
+                                text=True, timeout=120, env=env)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert not result.stdout.strip(), result.stdout  # was: httpx's "HTTP Request: POST ... 401" line
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"rlkit: bad config: reward.token_env: the reward service at {url} {problem}. Fix: "
+                           f"export RLKIT_REWARD_TOKEN=") and "as token=" not in line

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from rlkit.plot import MetricsError, choose_panels, main, moving_average, plot_runs, read_metrics
+from rlkit.plot import MetricsError, choose_panels, figure, main, moving_average, plot_runs, read_metrics
 
 
 def _write_run(run, rows, tail=""):
@@ -100,3 +100,33 @@ def test_smooth_must_be_a_positive_window(tmp_path, monkeypatch, capsys):
     run = _write_run(tmp_path / "a", _rows(0.1))
     code, err = _plot_main(monkeypatch, capsys, run, "--smooth", "0")
     assert code == 2 and "--smooth" in err
+
+
+def _panels(fig) -> dict:
+    return {ax.get_ylabel(): ax for ax in fig.axes if ax.get_visible()}
+
+
+def test_step_axes_get_integer_ticks(tmp_path):
+    import matplotlib.pyplot as plt
+
+    fig = figure([_write_run(tmp_path / "a", _rows(0.1, steps=3))])
+    for title, ax in _panels(fig).items():
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), (title, ticks)
+    plt.close(fig)
+
+
+def test_a_panel_constant_by_construction_says_so_instead_of_a_flat_line(tmp_path):
+    import matplotlib.pyplot as plt
+
+    on_policy = _rows(0.1, **{"actor/clip_frac": 0.0})
+    fig = figure([_write_run(tmp_path / "a", on_policy), _write_run(tmp_path / "b", on_policy)])
+    clip, reward = _panels(fig)["clip fraction"], _panels(fig)["reward (= accuracy)"]
+    assert not clip.lines and len(reward.lines) == 2
+    [text] = [t.get_text() for t in clip.texts]
+    assert text.startswith("0 at every logged step") and "on-policy" in text
+    plt.close(fig)
+    moving = [dict(r, **{"actor/clip_frac": 0.01 * r["step"]}) for r in on_policy]
+    fig = figure([_write_run(tmp_path / "c", moving)])
+    assert _panels(fig)["clip fraction"].lines and not _panels(fig)["clip fraction"].texts
+    plt.close(fig)

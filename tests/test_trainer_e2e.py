@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from rlkit.config import compose, validate
+from rlkit.errors import ConfigError
 from rlkit.trainer.trainer import Trainer
 
 TINY = [
@@ -119,5 +120,5 @@ def test_reward_service_gives_the_same_run_as_in_process(tmp_path, tiny_model_di
 
 def test_unreachable_reward_service_stops_the_run_at_start(tmp_path, tiny_model_dir):
     port = _free_port()  # nothing listens here
-    with pytest.raises(RuntimeError, match=f"127.0.0.1:{port}"):
+    with pytest.raises(ConfigError, match=f"reward.url: nothing is listening at http://127.0.0.1:{port} "):
         run(tmp_path, tiny_model_dir, "down", f"reward.url=http://127.0.0.1:{port}", "reward.retries=1")

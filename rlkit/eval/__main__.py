@@ -11,8 +11,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from rlkit.cli import hydra_argv, quiet_http_logs, refuse
 from rlkit.config import CONFIG_DIR, ConfigError, register_resolvers
-from rlkit.train import hydra_argv, refusal
 
 register_resolvers()
 
@@ -20,13 +20,13 @@ register_resolvers()
 @hydra.main(config_path=CONFIG_DIR, config_name="eval", version_base="1.3")
 def run(cfg: DictConfig) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_http_logs()
     from rlkit.eval.job import run_job
 
     try:
         run_job(cfg)
     except ConfigError as err:
-        print(refusal("bad config", err), file=sys.stderr)
-        sys.exit(2)
+        refuse("bad config", err)
 
 
 def main() -> None:

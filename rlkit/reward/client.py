@@ -2,7 +2,8 @@
 
 ``RewardClient(url, verifier=...).score(responses, references) -> list[Score]``, the same
 call and results as ``VerifierPool.score``. Connection errors, timeouts and 5xx answers
-are retried with exponential backoff; once the retries are spent it raises
+are retried with exponential backoff (except a refused connection in ``check``, which means
+no service is there); once the retries are spent it raises
 ``RewardServiceError`` (a RuntimeError naming the URL and what to check) rather than
 return made-up scores. A 4xx answer (bad token, unknown verifier, limits) raises at once.
 """
@@ -20,7 +21,12 @@ from rlkit.reward.verifiers import Score, check_score_inputs
 
 
 class RewardServiceError(RuntimeError):
-    """The reward service could not score a batch: unreachable, failing, or refusing the request."""
+    """The reward service could not score a batch: unreachable, failing, or refusing the request.
+    ``status``: the HTTP status of a refused request; None when no answer came (``refused``: no connection)."""
+
+    def __init__(self, message: str, *, status: int | None = None, refused: bool = False):
+        super().__init__(message)
+        self.status, self.refused = status, refused
 
 
 class RewardClient:
@@ -98,8 +104,9 @@ class RewardClient:
 
     def check(self) -> None:
         """Raise RewardServiceError unless the service is reachable, accepts the token and offers this verifier
-        with these options; starts its workers there, so call it once at start-up."""
-        self._score_batch([], [])
+        with these options; starts its workers there, so call it once at start-up. A refused connection fails
+        at once (nothing listens there yet); timeouts and 5xx answers are retried as in ``score``."""
+        self._score_batch([], [], retry_refused=False)
 
     def close(self) -> None:
         self._http.close()
@@ -112,7 +119,7 @@ class RewardClient:
 
     # ------------------------------------------------------------------ internals
 
-    def _score_batch(self, responses: list[str], references: list[str]) -> list[Score]:
+    def _score_batch(self, responses: list[str], references: list[str], retry_refused: bool = True) -> list[Score]:
         payload = {"verifier": self.verifier, "options": self.options,
                    "items": [{"response": r, "reference": g} for r, g in zip(responses, references)]}
         try:
@@ -129,13 +136,16 @@ class RewardClient:
                 answer = self._http.post(f"{self.url}/score", content=body)
             except httpx.TransportError as err:  # refused, reset, timed out, ...
                 problem = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+                if isinstance(err, httpx.ConnectError) and not retry_refused:
+                    raise RewardServiceError(f"reward service at {self.url} cannot be reached ({problem}); start "
+                                             f"`python -m rlkit.reward.serve` there first", refused=True) from err
             else:
                 if answer.status_code == 200:
                     self._count(batches=1)
                     return self._parse(answer, len(responses))
                 detail = _detail(answer)
                 if answer.status_code < 500:
-                    raise RewardServiceError(self._refused(answer.status_code, detail))
+                    raise RewardServiceError(self._refused(answer.status_code, detail), status=answer.status_code)
                 problem = f"HTTP {answer.status_code}: {detail}"
                 retry_after = _retry_after_s(answer)
             if attempts > self.retries:
