@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # this checkout's rlkit, not an installed one
 
 from test_verifier_fidelity import ISSUE_PAIRS, OWN_PAIRS, differential_cases, oracle  # noqa: E402
 
