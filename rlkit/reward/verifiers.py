@@ -37,6 +37,7 @@ from rlkit.reward.math_equivalence import (
     parse_reference,
     printed,
 )
+from rlkit.reward.normalize import normalize_text
 from rlkit.reward.verifier_options import check_options
 
 
@@ -174,6 +175,7 @@ def math_verifier(
         since a policy learns to restate the question's expression and math-verify evaluates it.
     """
     config = extraction_config(targets, tuple(strings))
+    response, reference = normalize_text(response), normalize_text(reference)
     gold_parts = reference_parts(reference)
     gold = parse_reference(tuple(gold_parts), targets, config) if gold_parts else ()
     boxed = final_boxes(response)
@@ -231,6 +233,7 @@ def gsm8k_verifier(response: str, reference: str) -> Score:
     one number ("18 dollars") counts as that number, one with two numbers ("3/4", "1, 2")
     as none. Correct when ``|pred - gold| <= 1e-6 * max(1, |gold|)``. Reward 1.0 / 0.0.
     """
+    response, reference = normalize_text(response), normalize_text(reference)
     extracted = gsm8k_answer(response)
     if extracted is None:
         extracted = boxed_answer(response)

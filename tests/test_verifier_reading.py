@@ -1,0 +1,72 @@
+"""How the verifiers read an answer outside a box, in other scripts, and with LaTeX digit groups (issue 21).
+
+Each case below scored wrong before: garbage rewarded through a number glued to an operator, full-width
+digits unscorable, thousands separators and a final statement after intermediate boxes scored 0.
+"""
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from rlkit.reward import Score, score_one
+from rlkit.reward.normalize import fold_unicode, join_digit_groups
+
+logging.getLogger("math_verify").setLevel(logging.ERROR)
+
+# --------------------------------------------------------------------------- 2. other scripts' digits
+
+@pytest.mark.parametrize(
+    "response, reference",
+    [("\\boxed{\uff14}", "4"), ("\uff11\uff19", "19"), ("\\boxed{\u0664\u0662}", "42"), ("\\boxed{4}", "\uff14")],
+)
+def test_full_width_and_other_digits_are_read_as_digits(response, reference):
+    for verifier in ("math", "gsm8k"):
+        assert score_one(verifier, response, reference).reward == 1.0
+
+
+UNICODE_HEAVY = [
+    "\u7b54\u6848\u662f \uff14\uff12 \U0001f600 \u05e9\u05dc\u05d5\u05dd",  # CJK, full-width digits, emoji, Hebrew
+    "\u0627\u0644\u062c\u0648\u0627\u0628 \u0647\u0648 \u0664\u0662",  # Arabic with Arabic-Indic digits
+    "\\boxed{\U0001f600}",
+    "\u7b54\u3048\uff1a$\\boxed{\uff14\uff12}$\u3002",
+    "\u200f\u0664\u0662\u200e \u202e42\u202c",  # RTL marks and overrides
+    "\U0001f468\u200d\U0001f469\u200d\U0001f467 \u2764\ufe0f 42\u20e3",  # joiners, variation selector, keycap
+    "x\u00b2 = \u00bd \u2026 \ufb01",
+    "\\boxed{\u5341}",
+]
+
+
+@pytest.mark.parametrize("response", UNICODE_HEAVY)
+def test_unicode_heavy_responses_score_zero_or_their_answer_never_an_error(response):
+    for verifier in ("math", "gsm8k"):
+        score = score_one(verifier, response, "42")
+        assert score.reward in (0.0, 1.0) and score.error in (None, "no_answer"), (verifier, score)
+
+
+def test_fold_unicode_keeps_what_would_fuse_with_its_neighbour():
+    assert fold_unicode("\\boxed{\uff14} \uff08\uff11\uff09") == "\\boxed{4} (1)"
+    assert fold_unicode("x\u00b2 + 1\u00bd") == "x\u00b2 + 1\u00bd"  # not "x2 + 11/2"
+
+
+# --------------------------------------------------------------------------- 3. digit groups
+
+@pytest.mark.parametrize(
+    "response, reference",
+    [
+        ("... is $\\boxed{32,\\! 349}$", "32349"),
+        ("$\\boxed{11,\\! 111,\\! 111,\\! 100}$", "11111111100"),
+        ("$\\boxed{32{,}349}$", "32349"),
+        ("$\\boxed{32\\,349}$", "32349"),  # math-verify: 32 + 349
+        ("so the total is $32,\\! 349$.", "32349"),
+        ("\\boxed{32349}", "32,\\! 349"),
+    ],
+)
+def test_latex_thousands_separators(response, reference):
+    for verifier in ("math", "gsm8k"):
+        assert score_one(verifier, response, reference).reward == 1.0
+
+
+def test_join_digit_groups_only_joins_groups_of_three():
+    assert join_digit_groups("32,\\! 349 and 1{,}000{,}000") == "32349 and 1000000"
+    assert join_digit_groups("(1,\\!5), 2\\,x, 1,000, 12\\,34") == "(1,\\!5), 2\\,x, 1,000, 12\\,34"
