@@ -10,9 +10,58 @@ import logging
 import pytest
 
 from rlkit.reward import Score, score_one
+from rlkit.reward.extract import stands_alone
 from rlkit.reward.normalize import fold_unicode, join_digit_groups
 
 logging.getLogger("math_verify").setLevel(logging.ERROR)
+
+# --------------------------------------------------------------------------- 1. an answer must stand alone
+
+# Responses to "What is 2 - 0?": the first two from a 2-step `+recipe=fr3e` run, scored 1.0 (extracted `2`).
+GARBAGE = [
+    "2**undef\n\\adddots \u2013 [1]",
+    "2**undef \u2026 blackface \u2026 +2 ++2 \u2026",
+    "2**undef",
+    "2abc xyz",
+    "2x",
+    "=2**",
+    "**2**undef",
+    "2^undef [[",
+    "2-undef",
+    "2_undef",
+    "What is 2 - 0? 2**undef",  # the question echoed, then the glued number last
+    "12**3 2**undef",
+    "$$ 2**undef",
+    "answer: 2**undef",
+    "The answer is 2**undef",
+    "Final answer is 2** blah",
+]
+
+
+@pytest.mark.parametrize("response", GARBAGE)
+def test_a_number_glued_to_an_operator_or_letter_is_no_answer(response):
+    assert score_one("math", response, "2").reward == 0.0
+    assert score_one("gsm8k", response, "2").reward == 0.0
+
+
+@pytest.mark.parametrize(
+    "response",
+    ["the answer is 2", "so 2.", "**2**", "$2$", "x = 2", "so it is \\(2\\)", "Answer: 2 apples", "we get 2, done",
+     "The final answer is 2. I hope it is correct.", "2 - 0 = 2"],
+)
+def test_a_number_that_stands_alone_is_still_read(response):
+    for verifier in ("math", "gsm8k"):
+        score = score_one(verifier, response, "2")
+        assert score == Score(1.0, True, score.extracted, None), verifier
+
+
+def test_stands_alone_judges_the_last_place_the_value_is_written():
+    assert stands_alone("so it is 10,455.", "10455")
+    assert stands_alone("we get -3 now", "-3")
+    assert not stands_alone("2 - 0, so 2x", "2")  # stood alone once, glued where it is last written
+    assert not stands_alone("no such value", "3")
+    assert stands_alone("the answer is **2**.", "2") and not stands_alone("**2**undef", "2")  # bold does not glue
+
 
 # --------------------------------------------------------------------------- 2. other scripts' digits
 
