@@ -140,6 +140,26 @@ def test_a_killed_rank_ends_the_job_naming_it(tmp_path, tiny_model_dir):
     assert not [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
+# The recipes the runs above do not train (grpo; dapo with grpo_lambda's shaper), 2 steps each on 2 processes;
+# capo is refused on several processes (below). FR3E smaller: 2 base responses, one branch point.
+OTHER_RECIPES = {"dr_grpo": [], "opo": [], "grpo_lambda": [], "critique_grpo": ["rollout.engine.options.max_model_len=1024"],
+                 "fr3e": ["algorithm.sampler.options.base_n=2", "algorithm.sampler.options.k=1",
+                          "algorithm.max_sample_rounds=1"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", sorted(OTHER_RECIPES))
+def test_every_recipe_runs_two_steps_on_two_processes(tmp_path, tiny_model_dir, recipe):
+    launch(tmp_path, tiny_model_dir, recipe, f"+recipe={recipe}", "trainer.total_steps=2", *OTHER_RECIPES[recipe],
+           procs=2)
+    metrics = _metrics(tmp_path / recipe)
+    assert [m["step"] for m in metrics] == [1, 2]
+    for m in metrics:
+        assert m["rollout/logprob_gap_max"] < 1e-4 and m["batch/samples_trained"] > 0
+        assert 0 <= m["reward/fresh_mean"] <= 1 and "actor/grad_norm" in m
+    assert (tmp_path / recipe / "final" / "model.safetensors").is_file()
+
+
 def test_prompts_must_split_over_the_processes_and_capo_stays_single_process(tiny_model_dir, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(ConfigError, match=r"trainer.prompts_per_step: the step's 8 prompts must split evenly over the "
