@@ -241,10 +241,6 @@ def validate(cfg: DictConfig) -> None:
     _require(t.eval_every >= 0, "trainer.eval_every", "must be >= 0", "set 0 to turn periodic eval off")
     _require(t.max_generated_tokens is None or t.max_generated_tokens >= 1, "trainer.max_generated_tokens",
              f"must be >= 1 or null, got {t.max_generated_tokens}", "set null to train for trainer.total_steps")
-    if t.eval_every:
-        from rlkit.eval import eval_settings
-
-        eval_settings(cfg)
     _check_model_path(cfg.model.path)
 
 
@@ -268,14 +264,17 @@ def _check_world_size(cfg: DictConfig) -> None:
 
 
 def _check_exact_on_policy(cfg: DictConfig, users: str) -> None:
-    """One optimizer step per rollout batch, no KL to a reference: what an exactly on-policy method assumes."""
+    """One optimizer step per rollout batch, no KL to a reference, no entropy bonus: what exact on-policy assumes."""
     t, fix = cfg.trainer, "or set algorithm.allow_off_policy=true to accept the mismatch knowingly"
     _require(t.ppo_epochs == 1, "trainer.ppo_epochs", f"{users} assumes exactly on-policy updates (one optimizer "
              f"step per rollout batch) but ppo_epochs={t.ppo_epochs}", f"set trainer.ppo_epochs=1, {fix}")
     _require(t.mini_batches == 1, "trainer.mini_batches", f"{users} assumes exactly on-policy updates (one optimizer "
              f"step per rollout batch) but mini_batches={t.mini_batches}", f"set trainer.mini_batches=1, {fix}")
-    _require(cfg.algorithm.loss.kl_coef == 0, "algorithm.loss.kl_coef", f"{users} assumes exactly on-policy updates "
-             f"without a reference model or KL term but kl_coef={cfg.algorithm.loss.kl_coef}", f"set algorithm.loss.kl_coef=0, {fix}")
+    loss = cfg.algorithm.loss
+    _require(loss.kl_coef == 0, "algorithm.loss.kl_coef", f"{users} assumes exactly on-policy updates "
+             f"without a reference model or KL term but kl_coef={loss.kl_coef}", f"set algorithm.loss.kl_coef=0, {fix}")
+    _require(loss.entropy_coef == 0, "algorithm.loss.entropy_coef", f"{users} follows a method without an entropy bonus "
+             f"but entropy_coef={loss.entropy_coef}", f"set algorithm.loss.entropy_coef=0, {fix}")
 
 
 def _check_plugin(key: str, registry: Registry, spec: PluginSpec) -> None:

@@ -129,6 +129,9 @@ def run(cfg: DictConfig) -> None:
         # A resume runs the run's config.yaml with the command line's changes on top.
         cfg = continue_from_saved(cfg, default_config(), list(HydraConfig.get().overrides.task))
         validate(cfg)
+        if cfg.trainer.eval_every:  # the eval block is refused before anything loads too
+            from rlkit.eval import eval_settings
+            eval_settings(cfg)
         from rlkit.trainer.trainer import Trainer
 
         trainer = Trainer(cfg)  # may refuse too: the run directory, data (loaded first), eval benchmarks

@@ -67,6 +67,8 @@ def test_every_config_key_is_commented():
         (["algorithm.group_filter=zero_variance", "rollout.n=1"], "rollout.n", "algorithm.group_filter=zero_variance"),
         (["rollout.temperature=0"], "rollout.temperature", "1.0"),
         (["trainer.resume=/no/such/dir"], "trainer.resume", "step_N"),
+        (["+recipe=opo", "algorithm.loss.entropy_coef=0.01"], "algorithm.loss.entropy_coef",
+         "entropy_coef=0, or set algorithm.allow_off_policy=true"),
     ],
 )
 def test_bad_values_name_key_and_fix(tiny_model_dir, overrides, key, fix):
@@ -136,3 +138,21 @@ def test_an_estimator_needing_sampler_inputs_is_refused_without_that_sampler(tin
                                           r"which algorithm.sampler=group does not provide. Fix: set algorithm.sampler=fr3e"):
         validate(_cfg(tiny_model_dir, "algorithm.advantage=fr3e"))
     validate(_cfg(tiny_model_dir, "+recipe=fr3e", "algorithm.reward_shaper=grpo_lambda"))
+
+
+def test_exact_on_policy_departures_are_accepted_knowingly(tiny_model_dir):
+    validate(_cfg(tiny_model_dir, "+recipe=opo", "algorithm.loss.entropy_coef=0.01", "algorithm.allow_off_policy=true"))
+
+
+def test_validation_imports_nothing_of_eval(tiny_model_dir):
+    code = ("import sys\nfrom rlkit.config import compose, validate\n"
+            f"validate(compose(['model.path={tiny_model_dir}', 'trainer.eval_every=1']))\n"
+            "print(sorted(m for m in sys.modules if m.startswith('rlkit.eval')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
+def test_cli_bad_eval_settings_are_refused_before_anything_loads(tiny_model_dir):
+    result = _cli(f"model.path={tiny_model_dir}", "trainer.eval_every=1", "eval.benchmarks=[gsm9k]")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("rlkit: bad config: eval.benchmarks"), result.stderr
