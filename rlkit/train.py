@@ -13,6 +13,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from rlkit.choices import exit_on_unknown_choice
 from rlkit.config import CONFIG_DIR, ConfigError, default_choices, default_config, register_resolvers, validate
 
 register_resolvers()
@@ -156,6 +157,7 @@ def main() -> None:
     if "--help" in args or "-h" in args:
         print(help_text())
         return
+    exit_on_unknown_choice(args)  # `+recipe=opoo`: one line with the closest name, before Hydra composes
     sys.argv[1:] = hydra_argv(args)
     run()
 

@@ -82,10 +82,23 @@ def test_missing_model_path_points_to_setup():
         validate(compose(["model.path=/no/such/model"]))
 
 
-def test_cli_unknown_recipe_lists_the_available_ones():
-    result = _cli("+recipe=nope", "--cfg", "job")
-    assert result.returncode != 0
-    assert "Could not find 'recipe/nope'" in result.stderr and "dr_grpo" in result.stderr
+def test_cli_misspelt_recipe_gets_one_line_with_the_closest():
+    result = _cli("+recipe=opoo", "--cfg", "job")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == ["rlkit: bad config: recipe=opoo: no recipe named 'opoo' (known: capo, "
+                                          "critique_grpo, dapo, dr_grpo, fr3e, grpo, grpo_lambda, opo). Fix: did you "
+                                          "mean +recipe=opo?"]
+
+
+def test_misspelt_group_choice_and_plugin_suggest_the_closest():
+    from rlkit.choices import unknown_choice
+
+    assert unknown_choice(["model.path=x", "data=gsm9k"]).endswith("Fix: did you mean data=gsm8k?")
+    assert "use one of +recipe=capo|" in unknown_choice(["+recipe=zzzzzz"])
+    assert unknown_choice(["+recipe=opo", "data=file", "data.source=a,b", "hydra/job_logging=none"]) is None
+    with pytest.raises(ConfigError, match=r"^algorithm.advantage=grpoo: unknown advantage estimator 'grpoo'; did you "
+                                          r"mean 'grpo'\? known: dr_grpo"):
+        validate(compose(["algorithm.advantage=grpoo"]))
 
 
 def test_cli_unknown_key_is_refused():
