@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import inspect
 import os
 import re
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from rlkit.errors import ConfigError, require
+from rlkit.option_types import check_option_types
 from rlkit.registry import Plugin, PluginSpec, Registry, capabilities_of, plugin_spec
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
@@ -283,9 +285,13 @@ def _check_exact_on_policy(cfg: DictConfig, users: str) -> None:
 
 
 def _check_plugin(key: str, registry: Registry, spec: PluginSpec) -> None:
+    """Option names against the plug-in's signature, values against its annotations (rlkit.option_types)."""
     try:
         registry.check_options(key, spec)
+        impl = registry.get(spec.name)
+        check_option_types(impl.__init__ if inspect.isclass(impl) else impl, spec.options,
+                           f"{registry.kind} {spec.name!r}", f"{key}.options.", strict=False)
     except KeyError as err:
         raise ConfigError(f"{key}={spec.name}: {err.args[0]}") from None
-    except ValueError as err:
+    except (TypeError, ValueError) as err:
         raise ConfigError(str(err)) from None

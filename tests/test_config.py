@@ -169,3 +169,16 @@ def test_cli_bad_eval_settings_are_refused_before_anything_loads(tiny_model_dir)
     result = _cli(f"model.path={tiny_model_dir}", "trainer.eval_every=1", "eval.benchmarks=[gsm9k]")
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("rlkit: bad config: eval.benchmarks"), result.stderr
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["+algorithm.advantage.options.eps=abc"], "algorithm.advantage.options.eps: advantage estimator 'grpo' expects "
+                                               "float, got str 'abc'. Fix: give a value of type float"),
+    (["+algorithm.advantage.options.norm_by_std=3"], "norm_by_std: advantage estimator 'grpo' expects bool, got int 3"),
+    (["algorithm.token_mask.name=capo", "+algorithm.token_mask.options.top_k=1.5"],
+     "algorithm.token_mask.options.top_k: token mask 'capo' expects int, got float 1.5"),
+])
+def test_plugin_option_values_are_checked_against_its_annotations(tiny_model_dir, overrides, message):
+    with pytest.raises(ConfigError) as err:
+        validate(_cfg(tiny_model_dir, *overrides))
+    assert message in str(err.value)
