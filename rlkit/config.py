@@ -189,7 +189,7 @@ def validate(cfg: DictConfig) -> None:
     """Refuse configs that cannot train correctly, before anything heavy starts."""
     from rlkit.algorithms import AGGREGATIONS
     from rlkit.algorithms.losses import entropy_agg_problem
-    from rlkit.preflight import check_model_path
+    from rlkit.preflight import check_machine
     from rlkit.rollout import ENGINES, engine_target
     from rlkit.reward.verifier_options import check_options
     from rlkit.reward.verifiers import VERIFIERS
@@ -248,7 +248,7 @@ def validate(cfg: DictConfig) -> None:
     require(t.eval_every >= 0, "trainer.eval_every", "must be >= 0", "set 0 to turn periodic eval off")
     require(t.max_generated_tokens is None or t.max_generated_tokens >= 1, "trainer.max_generated_tokens",
              f"must be >= 1 or null, got {t.max_generated_tokens}", "set null to train for trainer.total_steps")
-    check_model_path(cfg.model.path)
+    check_machine(cfg)
 
 
 def world_size() -> int:
