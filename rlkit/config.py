@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rlkit.errors import ConfigError, require
 from rlkit.option_types import check_option_types
+from rlkit.ranges import check_ranges
 from rlkit.registry import Plugin, PluginSpec, Registry, capabilities_of, plugin_spec
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
@@ -205,6 +206,7 @@ def validate(cfg: DictConfig) -> None:
             group_users.append(f"{key}={spec.name}")
         if caps.needs_on_policy:
             on_policy_users.append(f"{key}={spec.name}")
+    check_ranges(cfg, default_config())  # every number in its range (rlkit.ranges)
     if on_policy_users and not a.allow_off_policy:
         _check_exact_on_policy(cfg, ", ".join(on_policy_users))
     _check_sampler_inputs(cfg)
@@ -225,29 +227,18 @@ def validate(cfg: DictConfig) -> None:
              f"use one of {list(AGGREGATIONS)}")
     if problem := entropy_agg_problem(a.loss.get("entropy_agg"), a.loss.agg, spec_at(cfg, "algorithm.token_mask").name):
         raise ConfigError(problem)
-    require(r.temperature > 0, "rollout.temperature", "must be > 0 for on-policy sampling", "set e.g. 1.0")
-    require(r.max_tokens >= 1, "rollout.max_tokens", "must be >= 1", "set e.g. 128")
-    require(t.prompts_per_step >= 1, "trainer.prompts_per_step", "must be >= 1", "set e.g. 8")
     batch = t.prompts_per_step * r.n
-    require(t.mini_batches >= 1 and batch % t.mini_batches == 0, "trainer.mini_batches",
+    require(batch % t.mini_batches == 0, "trainer.mini_batches",
              f"the rollout batch ({t.prompts_per_step} prompts x {r.n} = {batch}) must split evenly into "
              f"{t.mini_batches} mini-batches", "choose a divisor of prompts_per_step*rollout.n")
-    require(t.ppo_epochs >= 1, "trainer.ppo_epochs", "must be >= 1", "set 1 for exactly on-policy updates")
-    require(t.micro_batch_size >= 1, "trainer.micro_batch_size", "must be >= 1", "set e.g. 16")
     require(t.old_logprobs in ("behavior", "recompute"), "trainer.old_logprobs",
              f"unknown value {t.old_logprobs!r}", "use behavior or recompute")
-    require(a.loss.kl_coef >= 0 and a.loss.entropy_coef >= 0, "algorithm.loss.kl_coef/entropy_coef",
-             "coefficients must be >= 0", "set 0 to turn a term off")
-    require(a.max_sample_rounds >= 1, "algorithm.max_sample_rounds", "must be >= 1", "set 1 without a group filter")
     require(t.resume in (None, "auto") or Path(str(t.resume)).is_dir(), "trainer.resume",
              f"{t.resume} is not a directory", "use null, auto, or a path to runs/<name>/checkpoints/step_N")
     require(cfg.data.source == "arithmetic" or not cfg.data.options, "data.options",
              f"generator options apply only to the arithmetic source, not {cfg.data.source}",
              "load a file or HF dataset with data=file data.source=PATH_OR_NAME (data.prompt_column=..., "
              "data.answer_column=...)")
-    require(t.eval_every >= 0, "trainer.eval_every", "must be >= 0", "set 0 to turn periodic eval off")
-    require(t.max_generated_tokens is None or t.max_generated_tokens >= 1, "trainer.max_generated_tokens",
-             f"must be >= 1 or null, got {t.max_generated_tokens}", "set null to train for trainer.total_steps")
     check_machine(cfg)
 
 
