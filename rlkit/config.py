@@ -3,12 +3,16 @@ from __future__ import annotations
 
 import difflib
 import functools
+import inspect
 import os
+import re
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from rlkit.errors import ConfigError
+from rlkit.errors import ConfigError, require
+from rlkit.option_types import check_option_types
+from rlkit.ranges import check_ranges
 from rlkit.registry import Plugin, PluginSpec, Registry, capabilities_of, plugin_spec
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
@@ -18,7 +22,15 @@ def cache_dir() -> str:
     return os.environ.get("RLKIT_CACHE") or str(Path.home() / ".cache" / "rlkit")
 
 
+def plugin_name(node) -> str:
+    """`${plugin_name:${algorithm.advantage}}`: a plug-in's name as a word a shell and Hydra accept (`pkg.mod:fn`: fn)."""
+    name = node if isinstance(node, str) else node.get("name") or "run"
+    return re.sub(r"[^\w.-]+", "_", str(name).rpartition(":")[2])
+
+
 def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("plugin_name"):
+        OmegaConf.register_new_resolver("plugin_name", plugin_name)
     if not OmegaConf.has_resolver("rlkit_cache"):
         OmegaConf.register_new_resolver("rlkit_cache", cache_dir)
     if not OmegaConf.has_resolver("floordiv"):
@@ -121,11 +133,6 @@ def _check_known_keys(cfg: DictConfig) -> None:
     raise ConfigError(f"{key}: no part of rlkit reads this key. Fix: {fix}")
 
 
-def _require(ok: bool, key: str, problem: str, fix: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: {problem}. Fix: {fix}")
-
-
 def plug_points() -> dict[str, Registry]:
     """Config key -> registry of every algorithm plug point (the engine and verifier are checked beside them)."""
     from rlkit.algorithms import ADVANTAGES, SHAPERS
@@ -183,6 +190,7 @@ def validate(cfg: DictConfig) -> None:
     """Refuse configs that cannot train correctly, before anything heavy starts."""
     from rlkit.algorithms import AGGREGATIONS
     from rlkit.algorithms.losses import entropy_agg_problem
+    from rlkit.preflight import check_machine
     from rlkit.rollout import ENGINES, engine_target
     from rlkit.reward.verifier_options import check_options
     from rlkit.reward.verifiers import VERIFIERS
@@ -198,6 +206,7 @@ def validate(cfg: DictConfig) -> None:
             group_users.append(f"{key}={spec.name}")
         if caps.needs_on_policy:
             on_policy_users.append(f"{key}={spec.name}")
+    check_ranges(cfg, default_config())  # every number in its range (rlkit.ranges)
     if on_policy_users and not a.allow_off_policy:
         _check_exact_on_policy(cfg, ", ".join(on_policy_users))
     _check_sampler_inputs(cfg)
@@ -212,40 +221,25 @@ def validate(cfg: DictConfig) -> None:
     except TypeError as err:
         raise ConfigError(f"reward.verifier.options: {err}. Fix: remove or correct the option "
                           f"(+reward.verifier.options.KEY=VALUE adds one)") from None
-    _require(r.n >= 2 or not group_users, "rollout.n",
+    require(r.n >= 2 or not group_users, "rollout.n",
              f"{', '.join(group_users)} compares responses within a group but n={r.n}", "set rollout.n>=2")
-    _require(a.loss.agg in AGGREGATIONS, "algorithm.loss.agg", f"unknown aggregation {a.loss.agg!r}",
+    require(a.loss.agg in AGGREGATIONS, "algorithm.loss.agg", f"unknown aggregation {a.loss.agg!r}",
              f"use one of {list(AGGREGATIONS)}")
     if problem := entropy_agg_problem(a.loss.get("entropy_agg"), a.loss.agg, spec_at(cfg, "algorithm.token_mask").name):
         raise ConfigError(problem)
-    _require(r.temperature > 0, "rollout.temperature", "must be > 0 for on-policy sampling", "set e.g. 1.0")
-    _require(r.max_tokens >= 1, "rollout.max_tokens", "must be >= 1", "set e.g. 128")
-    _require(t.prompts_per_step >= 1, "trainer.prompts_per_step", "must be >= 1", "set e.g. 8")
     batch = t.prompts_per_step * r.n
-    _require(t.mini_batches >= 1 and batch % t.mini_batches == 0, "trainer.mini_batches",
+    require(batch % t.mini_batches == 0, "trainer.mini_batches",
              f"the rollout batch ({t.prompts_per_step} prompts x {r.n} = {batch}) must split evenly into "
              f"{t.mini_batches} mini-batches", "choose a divisor of prompts_per_step*rollout.n")
-    _require(t.ppo_epochs >= 1, "trainer.ppo_epochs", "must be >= 1", "set 1 for exactly on-policy updates")
-    _require(t.micro_batch_size >= 1, "trainer.micro_batch_size", "must be >= 1", "set e.g. 16")
-    _require(t.old_logprobs in ("behavior", "recompute"), "trainer.old_logprobs",
+    require(t.old_logprobs in ("behavior", "recompute"), "trainer.old_logprobs",
              f"unknown value {t.old_logprobs!r}", "use behavior or recompute")
-    _require(a.loss.kl_coef >= 0 and a.loss.entropy_coef >= 0, "algorithm.loss.kl_coef/entropy_coef",
-             "coefficients must be >= 0", "set 0 to turn a term off")
-    _require(a.max_sample_rounds >= 1, "algorithm.max_sample_rounds", "must be >= 1", "set 1 without a group filter")
-    _require(t.resume in (None, "auto") or Path(str(t.resume)).is_dir(), "trainer.resume",
+    require(t.resume in (None, "auto") or Path(str(t.resume)).is_dir(), "trainer.resume",
              f"{t.resume} is not a directory", "use null, auto, or a path to runs/<name>/checkpoints/step_N")
-    _require(cfg.data.source == "arithmetic" or not cfg.data.options, "data.options",
+    require(cfg.data.source == "arithmetic" or not cfg.data.options, "data.options",
              f"generator options apply only to the arithmetic source, not {cfg.data.source}",
              "load a file or HF dataset with data=file data.source=PATH_OR_NAME (data.prompt_column=..., "
              "data.answer_column=...)")
-    _require(t.eval_every >= 0, "trainer.eval_every", "must be >= 0", "set 0 to turn periodic eval off")
-    _require(t.max_generated_tokens is None or t.max_generated_tokens >= 1, "trainer.max_generated_tokens",
-             f"must be >= 1 or null, got {t.max_generated_tokens}", "set null to train for trainer.total_steps")
-    if t.eval_every:
-        from rlkit.eval import eval_settings
-
-        eval_settings(cfg)
-    _check_model_path(cfg.model.path)
+    check_machine(cfg)
 
 
 def world_size() -> int:
@@ -258,43 +252,37 @@ def _check_world_size(cfg: DictConfig) -> None:
     world, prompts = world_size(), cfg.trainer.prompts_per_step
     if world == 1:
         return
-    _require(prompts % world == 0, "trainer.prompts_per_step", f"the step's {prompts} prompts must split evenly over "
+    require(prompts % world == 0, "trainer.prompts_per_step", f"the step's {prompts} prompts must split evenly over "
              f"the job's {world} processes (each rank samples its share)",
              f"set trainer.prompts_per_step to a multiple of {world}, or launch a number of processes that divides {prompts}")
     for key, registry in plug_points().items():
         name = spec_at(cfg, key).name
-        _require(not capabilities_of(registry.get(name)).single_process, key, f"{name} keeps state updated from one "
+        require(not capabilities_of(registry.get(name)).single_process, key, f"{name} keeps state updated from one "
                  f"process's tokens, which {world} processes would each update apart", f"train {key}={name} in one process")
 
 
 def _check_exact_on_policy(cfg: DictConfig, users: str) -> None:
-    """One optimizer step per rollout batch, no KL to a reference: what an exactly on-policy method assumes."""
+    """One optimizer step per rollout batch, no KL to a reference, no entropy bonus: what exact on-policy assumes."""
     t, fix = cfg.trainer, "or set algorithm.allow_off_policy=true to accept the mismatch knowingly"
-    _require(t.ppo_epochs == 1, "trainer.ppo_epochs", f"{users} assumes exactly on-policy updates (one optimizer "
+    require(t.ppo_epochs == 1, "trainer.ppo_epochs", f"{users} assumes exactly on-policy updates (one optimizer "
              f"step per rollout batch) but ppo_epochs={t.ppo_epochs}", f"set trainer.ppo_epochs=1, {fix}")
-    _require(t.mini_batches == 1, "trainer.mini_batches", f"{users} assumes exactly on-policy updates (one optimizer "
+    require(t.mini_batches == 1, "trainer.mini_batches", f"{users} assumes exactly on-policy updates (one optimizer "
              f"step per rollout batch) but mini_batches={t.mini_batches}", f"set trainer.mini_batches=1, {fix}")
-    _require(cfg.algorithm.loss.kl_coef == 0, "algorithm.loss.kl_coef", f"{users} assumes exactly on-policy updates "
-             f"without a reference model or KL term but kl_coef={cfg.algorithm.loss.kl_coef}", f"set algorithm.loss.kl_coef=0, {fix}")
+    loss = cfg.algorithm.loss
+    require(loss.kl_coef == 0, "algorithm.loss.kl_coef", f"{users} assumes exactly on-policy updates "
+             f"without a reference model or KL term but kl_coef={loss.kl_coef}", f"set algorithm.loss.kl_coef=0, {fix}")
+    require(loss.entropy_coef == 0, "algorithm.loss.entropy_coef", f"{users} follows a method without an entropy bonus "
+             f"but entropy_coef={loss.entropy_coef}", f"set algorithm.loss.entropy_coef=0, {fix}")
 
 
 def _check_plugin(key: str, registry: Registry, spec: PluginSpec) -> None:
+    """Option names against the plug-in's signature, values against its annotations (rlkit.option_types)."""
     try:
         registry.check_options(key, spec)
+        impl = registry.get(spec.name)
+        check_option_types(impl.__init__ if inspect.isclass(impl) else impl, spec.options,
+                           f"{registry.kind} {spec.name!r}", f"{key}.options.", strict=False)
     except KeyError as err:
         raise ConfigError(f"{key}={spec.name}: {err.args[0]}") from None
-    except ValueError as err:
+    except (TypeError, ValueError) as err:
         raise ConfigError(str(err)) from None
-
-
-def _check_model_path(path: str) -> None:
-    local = Path(path).expanduser()
-    if local.exists():
-        _require((local / "config.json").is_file(), "model.path", f"{path} has no config.json",
-                 "point model.path at a Hugging Face model directory")
-        return
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-    looks_local = path.startswith(("/", ".", "~")) or path.count("/") != 1
-    _require(not looks_local and not offline, "model.path", f"{path} does not exist"
-             + (" and HF_HUB_OFFLINE is set" if offline else ""),
-             "run `make setup` to prepare the default SmolLM2-135M-Instruct, or set model.path=<local dir or HF name>")

@@ -16,6 +16,7 @@ inferred from its name. User code plugs in by import path, ``"my_pkg.my_mod:my_f
 """
 from __future__ import annotations
 
+import difflib
 import importlib
 import inspect
 from dataclasses import dataclass, field
@@ -163,9 +164,10 @@ class Registry(Generic[T]):
                 return getattr(importlib.import_module(module_name), attr)
             except (ImportError, AttributeError) as err:
                 raise KeyError(f"cannot import {self.kind} {name!r}: {err}") from err
+        close = difflib.get_close_matches(name, self.names(), n=1, cutoff=0.6)
         raise KeyError(
-            f"unknown {self.kind} {name!r}; known: {', '.join(sorted(self._items))} "
-            f"(or give an import path 'package.module:function')"
+            f"unknown {self.kind} {name!r}{f'; did you mean {close[0]!r}?' if close else ''} "
+            f"known: {', '.join(self.names())} (or give an import path 'package.module:function')"
         )
 
     def names(self) -> list[str]:

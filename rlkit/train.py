@@ -15,6 +15,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from rlkit.choices import exit_on_unknown_choice
 from rlkit.cli import hydra_argv, quiet_http_logs, refuse
 from rlkit.config import (CONFIG_DIR, ConfigError, default_choices, default_config, register_resolvers, spec_at,
                           validate)
@@ -152,6 +153,9 @@ def run(cfg: DictConfig) -> None:
         # A resume runs the run's config.yaml with the command line's changes on top.
         cfg = continue_from_saved(cfg, default_config(), list(HydraConfig.get().overrides.task))
         validate(cfg)
+        if cfg.trainer.eval_every:  # the eval block is refused before anything loads too
+            from rlkit.eval import eval_settings
+            eval_settings(cfg)
         check_reward_service(cfg)
         from rlkit.trainer.trainer import Trainer
 
@@ -173,6 +177,7 @@ def main() -> None:
     if "--help" in args or "-h" in args:
         print(help_text())
         return
+    exit_on_unknown_choice(args)  # `+recipe=opoo`: one line with the closest name, before Hydra composes
     sys.argv[1:] = hydra_argv(args)
     run()
 

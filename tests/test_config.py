@@ -67,6 +67,8 @@ def test_every_config_key_is_commented():
         (["algorithm.group_filter=zero_variance", "rollout.n=1"], "rollout.n", "algorithm.group_filter=zero_variance"),
         (["rollout.temperature=0"], "rollout.temperature", "1.0"),
         (["trainer.resume=/no/such/dir"], "trainer.resume", "step_N"),
+        (["+recipe=opo", "algorithm.loss.entropy_coef=0.01"], "algorithm.loss.entropy_coef",
+         "entropy_coef=0, or set algorithm.allow_off_policy=true"),
     ],
 )
 def test_bad_values_name_key_and_fix(tiny_model_dir, overrides, key, fix):
@@ -80,10 +82,23 @@ def test_missing_model_path_points_to_setup():
         validate(compose(["model.path=/no/such/model"]))
 
 
-def test_cli_unknown_recipe_lists_the_available_ones():
-    result = _cli("+recipe=nope", "--cfg", "job")
-    assert result.returncode != 0
-    assert "Could not find 'recipe/nope'" in result.stderr and "dr_grpo" in result.stderr
+def test_cli_misspelt_recipe_gets_one_line_with_the_closest():
+    result = _cli("+recipe=opoo", "--cfg", "job")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == ["rlkit: bad config: recipe=opoo: no recipe named 'opoo' (known: capo, "
+                                          "critique_grpo, dapo, dr_grpo, fr3e, grpo, grpo_lambda, opo). Fix: did you "
+                                          "mean +recipe=opo?"]
+
+
+def test_misspelt_group_choice_and_plugin_suggest_the_closest():
+    from rlkit.choices import unknown_choice
+
+    assert unknown_choice(["model.path=x", "data=gsm9k"]).endswith("Fix: did you mean data=gsm8k?")
+    assert "use one of +recipe=capo|" in unknown_choice(["+recipe=zzzzzz"])
+    assert unknown_choice(["+recipe=opo", "data=file", "data.source=a,b", "hydra/job_logging=none"]) is None
+    with pytest.raises(ConfigError, match=r"^algorithm.advantage=grpoo: unknown advantage estimator 'grpoo'; did you "
+                                          r"mean 'grpo'\? known: dr_grpo"):
+        validate(compose(["algorithm.advantage=grpoo"]))
 
 
 def test_cli_unknown_key_is_refused():
@@ -136,3 +151,34 @@ def test_an_estimator_needing_sampler_inputs_is_refused_without_that_sampler(tin
                                           r"which algorithm.sampler=group does not provide. Fix: set algorithm.sampler=fr3e"):
         validate(_cfg(tiny_model_dir, "algorithm.advantage=fr3e"))
     validate(_cfg(tiny_model_dir, "+recipe=fr3e", "algorithm.reward_shaper=grpo_lambda"))
+
+
+def test_exact_on_policy_departures_are_accepted_knowingly(tiny_model_dir):
+    validate(_cfg(tiny_model_dir, "+recipe=opo", "algorithm.loss.entropy_coef=0.01", "algorithm.allow_off_policy=true"))
+
+
+def test_validation_imports_nothing_of_eval(tiny_model_dir):
+    code = ("import sys\nfrom rlkit.config import compose, validate\n"
+            f"validate(compose(['model.path={tiny_model_dir}', 'trainer.eval_every=1']))\n"
+            "print(sorted(m for m in sys.modules if m.startswith('rlkit.eval')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
+def test_cli_bad_eval_settings_are_refused_before_anything_loads(tiny_model_dir):
+    result = _cli(f"model.path={tiny_model_dir}", "trainer.eval_every=1", "eval.benchmarks=[gsm9k]")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("rlkit: bad config: eval.benchmarks"), result.stderr
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["+algorithm.advantage.options.eps=abc"], "algorithm.advantage.options.eps: advantage estimator 'grpo' expects "
+                                               "float, got str 'abc'. Fix: give a value of type float"),
+    (["+algorithm.advantage.options.norm_by_std=3"], "norm_by_std: advantage estimator 'grpo' expects bool, got int 3"),
+    (["algorithm.token_mask.name=capo", "+algorithm.token_mask.options.top_k=1.5"],
+     "algorithm.token_mask.options.top_k: token mask 'capo' expects int, got float 1.5"),
+])
+def test_plugin_option_values_are_checked_against_its_annotations(tiny_model_dir, overrides, message):
+    with pytest.raises(ConfigError) as err:
+        validate(_cfg(tiny_model_dir, *overrides))
+    assert message in str(err.value)

@@ -8,6 +8,8 @@ checkpoint cannot follow (model, batch shape, method, seed, data) and logs the o
 from __future__ import annotations
 
 import logging
+import re
+import shlex
 import shutil
 import tempfile
 from pathlib import Path
@@ -43,6 +45,28 @@ NOT_DIFFED = ("trainer.resume",)  # always differs on a resume; not worth a log 
 
 def run_dir_of(cfg: DictConfig) -> Path:
     return Path(cfg.logging.output_dir) / cfg.logging.run_name
+
+
+def resume_command(cfg: DictConfig) -> str:
+    """The command line, as a shell and Hydra read it, that continues this run from its latest checkpoint."""
+    where = [] if cfg.logging.output_dir == "runs" else [_override("logging.output_dir", cfg.logging.output_dir)]
+    return " ".join(["python -m rlkit.train", *where, _override("logging.run_name", cfg.logging.run_name),
+                     "trainer.resume=auto"])
+
+
+def _override(key: str, value: object) -> str:
+    """`key=value` as one shell word that Hydra reads back as the string `value` (quoted for Hydra if needed)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    text, parser = str(value), OverridesParser.create()
+    try:
+        plain = parser.parse_override(f"{key}={text}").value() == text
+    except HydraException:  # Hydra's grammar refuses it unquoted (a space, brackets, ...)
+        plain = False
+    # Hydra's quoted strings unescape only the backslashes before a quote or the closing quote
+    quoted = "'" + re.sub(r"(\\*)('|$)", lambda m: m[1] * 2 + ("\\'" if m[2] else ""), text) + "'"
+    return shlex.quote(f"{key}={text if plain else quoted}")
 
 
 def saved_config_path(cfg: DictConfig) -> Path | None:
@@ -142,6 +166,7 @@ def check_run_dir(cfg: DictConfig) -> None:
     saved = saved_config_path(cfg)
     if saved is not None and saved.is_file():
         check_resume_changes(OmegaConf.load(saved), cfg, saved)
+    log.info("run directory: %s", run_dir)
 
 
 def check_resume_changes(saved: DictConfig, cfg: DictConfig, where: Path) -> None:

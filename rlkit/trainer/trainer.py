@@ -29,7 +29,7 @@ from rlkit.trainer.metrics import MetricsLogger, pick_samples, reward_views, rol
 from rlkit.errors import ConfigError
 from rlkit.ranks import Ranks
 from rlkit.trainer.learner import SEED_MIX, Learner
-from rlkit.trainer.run_dir import CONFIG_FILE, check_run_dir, rank_log_dir, run_dir_of
+from rlkit.trainer.run_dir import CONFIG_FILE, check_run_dir, rank_log_dir, resume_command, run_dir_of
 from rlkit.trainer.setup import make_accelerator
 
 log = logging.getLogger("rlkit")
@@ -133,10 +133,7 @@ class Trainer:
 
     def resume_command(self) -> str:
         """The command line that continues this run from its latest checkpoint (its saved config is the base)."""
-        where = f"logging.run_name={self.cfg.logging.run_name}"
-        if self.cfg.logging.output_dir != "runs":
-            where = f"logging.output_dir={self.cfg.logging.output_dir} {where}"
-        return f"python -m rlkit.train {where} trainer.resume=auto"
+        return resume_command(self.cfg)
 
     def train_step(self) -> dict[str, float]:
         """One rollout batch and its policy update; returns the step's metrics."""
