@@ -395,14 +395,17 @@ def test_rejecting_step_is_split_invariant_and_equals_the_kept_token_loss(traine
 
 # ---------------------------------------------------------------- end to end (vLLM, tiny model)
 def test_capo_recipe_runs_and_its_adam_model_resumes_exactly(tmp_path, tiny_model_dir):
-    common = ["+recipe=capo", "rollout.n=4", "trainer.total_steps=3", "trainer.lr=1e-3",
-              "algorithm.token_mask.options.tau_h=0.5", "reward.verifier=rl_tasks:contains_seven"]
+    # The split run stops at total_steps=2, and the recipe's cosine decay depends on total_steps: keep the rate flat
+    # after the recipe's one warmup step (lr 0 at step 1), so both runs see the same rates.
+    common = ["+recipe=capo", "rollout.n=4", "trainer.total_steps=3", "trainer.lr=1e-3", "trainer.warmup_steps=1",
+              "trainer.lr_scheduler=constant_with_warmup", "algorithm.token_mask.options.tau_h=0.5",
+              "reward.verifier=rl_tasks:contains_seven"]
     straight = run(tmp_path, tiny_model_dir, "straight", *common, "trainer.save_every=0")
     run(tmp_path, tiny_model_dir, "split", *common, "trainer.save_every=2", "trainer.total_steps=2")
     resumed = run(tmp_path, tiny_model_dir, "split", *common, "trainer.save_every=2", "trainer.resume=auto")
     assert [m["step"] for m in straight] == [m["step"] for m in resumed] == [1, 2, 3]
-    for m in straight:
-        assert m["rollout/logprob_gap_max"] < 1e-4
+    for m in straight:  # top-k 50: the engine's logprobs are truncated, so the recipe recomputes old logprobs
+        assert m["rollout/logprob_gap_max"] > 1e-3 and m["actor/clip_frac"] == 0.0  # ratio 1: the clip never fires
         assert {"capo/rejected_frac_pos", "capo/rejected_frac_neg"} <= m.keys()
     assert any(0 < m["capo/rejected_frac"] < 1 for m in straight)
     for a, b in zip(straight, resumed):  # step 3 masks with the Adam moments restored from step 2
