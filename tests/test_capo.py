@@ -154,6 +154,9 @@ def test_mask_keeps_what_the_thresholds_keep_and_reports_rejections_by_sign():
     assert metrics["capo/rejected_frac_pos"] == pytest.approx((~want[adv > 0]).float().mean().item())
     assert metrics["capo/rejected_frac_neg"] == pytest.approx((~want[adv < 0]).float().mean().item())
     assert 0 < metrics["capo/rejected_frac"] < 1
+    sel = inputs.mask > 0
+    outside = topk_distribution(inputs.hidden[sel], inputs.lm_head, inputs.response_ids[sel], 8)[3]
+    assert 0 < metrics["capo/swapped_frac"] == pytest.approx(outside.float().mean().item())  # random ids: often outside
     assert mask.step_metrics()["capo/rejected_frac"] == 0.0  # reset after each step
 
 
