@@ -396,6 +396,27 @@ def test_rejecting_step_is_split_invariant_and_equals_the_kept_token_loss(traine
     model.zero_grad(set_to_none=True)
 
 
+# ---------------------------------------------------------------- the recipe's sampling and schedule
+def test_recipe_samples_and_schedules_as_the_reference():
+    """top-k 50, T 0.9 (the pinned TRL's HF-generate defaults), cosine with warmup_ratio 0.1: 4 of the default 40
+    steps (at least 1). Rates by hand at lr 2e-5: warmup 0, 5e-6, 1e-5, 1.5e-5, then 2e-5 * (1 + cos(pi * s / 36)) / 2."""
+    from transformers import get_scheduler
+
+    from rlkit.config import compose
+    cfg = compose(["+recipe=capo"])
+    assert (cfg.rollout.top_k, cfg.rollout.temperature, cfg.trainer.lr_scheduler) == (50, 0.9, "cosine")
+    assert cfg.trainer.old_logprobs == "recompute" and cfg.algorithm.token_mask.options.zero_advantage == "judge"
+    assert [compose(["+recipe=capo", f"trainer.total_steps={n}"]).trainer.warmup_steps for n in (2, 40, 100)] == [1, 4, 10]
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=cfg.trainer.lr)
+    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=cfg.trainer.warmup_steps,
+                              num_training_steps=cfg.trainer.total_steps)
+    rates = []
+    for _ in range(6):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step(), scheduler.step()
+    assert rates == pytest.approx([0.0, 5e-6, 1e-5, 1.5e-5, 2e-5, 1.9961946e-5], rel=1e-6, abs=1e-12)
+
+
 # ---------------------------------------------------------------- end to end (vLLM, tiny model)
 def test_capo_recipe_runs_and_its_adam_model_resumes_exactly(tmp_path, tiny_model_dir):
     # The split run stops at total_steps=2, and the recipe's cosine decay depends on total_steps: keep the rate flat
