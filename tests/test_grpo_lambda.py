@@ -46,6 +46,22 @@ def test_worked_example_rewards_and_grpo_advantages():
     assert adv[8:12].tolist() == pytest.approx([0.866024, 0.866024, -0.866024, -0.866024], abs=1e-5)  # q3
 
 
+def test_alpha_cancels_under_std_normalisation_except_in_mixed_groups():
+    """Default alpha 0.6 (the write-up's code). All-correct q5: r = 1 - 0.6 sigma(z) = [0.875656, 0.765986, 0.634014,
+    0.524344], GRPO A the same as at alpha 0.2 (up to eps); q2 (one correct): 0.7 against 0, A = [1.5, -0.5 x3] at any
+    alpha. Mixed q1: r = [0.863738, 0.7, 0.536262, 0], A = [0.904109, 0.467083, 0.030058, -1.40125] (0.2: [0.618262, ...])."""
+    rewards = shape_rewards("grpo_lambda", *EXAMPLE, lam=0.4)
+    assert rewards[16:].tolist() == pytest.approx([0.875656, 0.765986, 0.634014, 0.524344], abs=1e-6)
+    assert rewards[:4].tolist() == pytest.approx([0.863738, 0.7, 0.536262, 0.0], abs=1e-6)
+    adv = {alpha: compute_advantages("grpo", shape_rewards("grpo_lambda", *EXAMPLE, lam=1.0, alpha=alpha), EXAMPLE[3],
+                                     torch.ones(20, 1))[:, 0] for alpha in (0.2, 0.6)}
+    assert adv[0.6][16:].tolist() == pytest.approx([1.14651, 0.430692, -0.430692, -1.14651], abs=1e-5)
+    assert adv[0.6][16:].tolist() == pytest.approx(adv[0.2][16:].tolist(), abs=1e-4)  # q5: only eps differs
+    assert adv[0.6][4:8].tolist() == pytest.approx([1.5, -0.5, -0.5, -0.5], abs=1e-5) == adv[0.2][4:8].tolist()
+    assert adv[0.6][:4].tolist() == pytest.approx([0.904109, 0.467083, 0.030058, -1.40125], abs=1e-5)
+    assert adv[0.2][:4].tolist() == pytest.approx([0.618262, 0.497565, 0.376868, -1.492695], abs=1e-5)
+
+
 def test_step_metrics_report_the_branch_the_accuracy_and_the_correct_length():
     shaper = SHAPERS.build(PluginSpec("grpo_lambda", {"lam": 0.4}))
     assert shaper.step_metrics() == {}  # nothing shaped yet
@@ -113,7 +129,7 @@ def test_unscorable_samples_are_not_counted_as_wrong_and_keep_their_reward():
 def test_group_without_a_scorable_sample_is_not_ranked():
     rewards, correct, lengths, groups, scorable = batch([1, 1, 1, 0], [5, 6, 7, 8], [0, 0, 1, 1],
                                                         [False, False, True, True])
-    out = grpo_lambda_rewards(rewards, correct, lengths, groups, scorable=scorable, lam=0.5)
+    out = grpo_lambda_rewards(rewards, correct, lengths, groups, scorable=scorable, lam=0.5, alpha=0.2)
     assert out.efficient.tolist() == [False, False, True, True]  # group 0 would rank first (ratio 1) if it counted
     assert out.rewards.tolist() == pytest.approx([1.0, 1.0, 0.9, 0.0])
     shaper = SHAPERS.build(PluginSpec("grpo_lambda", {"lam": 0.5}))
@@ -179,7 +195,7 @@ def test_recipe_validates_and_refuses_unknown_options(tiny_model_dir):
     cfg = compose(base)
     validate(cfg)
     assert cfg.algorithm.reward_shaper.name == "grpo_lambda" and cfg.algorithm.advantage.name == "grpo"
-    assert (cfg.algorithm.reward_shaper.options.lam, cfg.algorithm.reward_shaper.options.alpha) == (0.2, 0.2)
+    assert (cfg.algorithm.reward_shaper.options.lam, cfg.algorithm.reward_shaper.options.alpha) == (0.2, 0.6)
     with pytest.raises(ConfigError, match=r"algorithm.reward_shaper.options.beta: .*takes no option"):
         validate(compose([*base, "+algorithm.reward_shaper.options.beta=1"]))
     with pytest.raises(ConfigError, match=r"rollout.n: .*grpo_lambda"):

@@ -15,7 +15,7 @@ A token is kept iff -tau_h < m_h < tau_h (symmetric; one-sided: 0 <= m_h < tau_h
 
 A sampled token outside the top-k replaces the lowest top-k entry, so the set always holds the
 sampled token and v is the exact gradient of log pi_a under the top-k-truncated distribution
-(the reference code instead leaves e_a all zero for such tokens).
+(the reference code instead leaves e_a all zero for such tokens); capo/swapped_frac counts them.
 """
 from __future__ import annotations
 
@@ -27,14 +27,15 @@ from rlkit.algorithms.plugins import TOKEN_MASKS, TokenMaskInputs
 
 CHUNK_TOKENS = 256  # tokens per chunk: bounds the [chunk,V] logits and the [chunk,k,d] Adam tensors
 DIRECTIONS = ("adam", "sgd")
+ZERO_ADVANTAGE = ("judge", "keep")  # A = 0 tokens: judged by the shift tests (reference) | always kept
 
 
 def topk_distribution(hidden: Tensor, lm_head: Tensor, sampled: Tensor, k: int, temperature: float = 1.0):
     """The trainer's distribution at each position, restricted to its top-k and renormalised.
 
-    hidden [N,d], lm_head [V,d], sampled [N] token ids -> (ids [N,k], probs [N,k], index [N]) where
-    ids[i, index[i]] == sampled[i]. Logits are (h W^T) / temperature, as the trainer's logprobs.
-    A sampled token outside the top-k takes the place of the lowest top-k entry.
+    hidden [N,d], lm_head [V,d], sampled [N] token ids -> (ids [N,k], probs [N,k], index [N], swapped [N])
+    where ids[i, index[i]] == sampled[i]. Logits are (h W^T) / temperature, as the trainer's logprobs.
+    A sampled token outside the top-k takes the place of the lowest top-k entry (swapped: True).
     """
     logits = (hidden.to(lm_head.dtype) @ lm_head.T).float() / temperature
     top, ids = logits.topk(min(k, logits.shape[-1]), dim=-1)
@@ -44,7 +45,7 @@ def topk_distribution(hidden: Tensor, lm_head: Tensor, sampled: Tensor, k: int, 
     index = torch.where(inside, hit.int().argmax(-1), last)
     ids[~inside, last] = sampled[~inside]
     top[~inside, last] = logits.gather(-1, sampled[:, None])[~inside, 0]
-    return ids, torch.softmax(top, dim=-1), index
+    return ids, torch.softmax(top, dim=-1), index, ~inside
 
 
 def _shifts(u: Tensor, probs: Tensor, v: Tensor, advantages: Tensor, lr: float) -> tuple[Tensor, Tensor]:
@@ -119,18 +120,17 @@ class CapoMask:
     Options: direction "adam" (the paper's recipe: a sparse Adam model with its own per-vocabulary-row
     moments, updated after every optimizer step with the mean gradient of the accepted tokens; the SGD
     direction while it has no moments) or "sgd"; top_k rows of the LM head per token; thresholds tau_h,
-    tau_f; symmetric Hessian clipping. The top-k distribution is taken at the trainer's temperature
-    (``inputs.temperature``). Adam's betas and eps are the optimizer's (param_groups[0]).
-
-    A token with A = 0 adds nothing to the update and is always kept (with Adam's momentum its m_f need
-    not be 0; the reference code would judge it, which only changes the loss's denominators).
+    tau_f; symmetric Hessian clipping; zero_advantage "judge" (the reference: an A = 0 token, whose m_f
+    under Adam's momentum need not be 0, is judged and, if rejected, left out of the loss and of the Adam
+    model's means) or "keep" (always kept and counted). The top-k distribution is taken at the trainer's
+    temperature (``inputs.temperature``). Adam's betas and eps are the optimizer's (param_groups[0]).
 
     Memory: [CHUNK_TOKENS, V] logits and [CHUNK_TOKENS, k, d] tensors at a time; with Adam, the moments of
     the rows seen so far and, during a step, one LM-head-sized buffer that sums the accepted gradients.
     """
 
     def __init__(self, *, direction: str = "adam", top_k: int = 50, tau_h: float = 0.01, tau_f: float = 1e-4,
-                 symmetric: bool = True):
+                 symmetric: bool = True, zero_advantage: str = "judge"):
         key = "algorithm.token_mask.options"
         if direction not in DIRECTIONS:
             raise ValueError(f"{key}.direction: {direction!r} is not a direction model. Fix: one of {list(DIRECTIONS)}")
@@ -139,14 +139,16 @@ class CapoMask:
         if not (tau_h > 0 and tau_f > 0):
             raise ValueError(f"{key}: tau_h and tau_f must be > 0, got {tau_h}, {tau_f}. "
                              f"Fix: e.g. tau_h=0.01 tau_f=1e-4 (use inf to switch one off)")
-        self.direction, self.top_k = direction, top_k
+        if zero_advantage not in ZERO_ADVANTAGE:
+            raise ValueError(f"{key}.zero_advantage: {zero_advantage!r} is not a rule. Fix: one of {list(ZERO_ADVANTAGE)}")
+        self.direction, self.top_k, self.judge_zero = direction, top_k, zero_advantage == "judge"
         self.tau_h, self.tau_f, self.symmetric = tau_h, tau_f, symmetric
         self.step = 0  # optimizer steps the Adam model has taken
         self.rows = torch.zeros(0, dtype=torch.long)  # sorted vocabulary rows that have moments [R]
         self._moments_of_rows: tuple[Tensor, Tensor] | None = None  # first, second [R+1,d]; last row: zeros
         self._adam: tuple[tuple[float, float], float] | None = None  # the optimizer's (betas, eps)
         self._accepted: tuple[Tensor, Tensor] | None = None  # this step's accepted gradient sums [V,d], counts [V]
-        self._tally = torch.zeros(6, dtype=torch.float64)  # rejected, tokens; for A>0; for A<0
+        self._tally = torch.zeros(7, dtype=torch.float64)  # rejected, tokens; for A>0; for A<0; swapped in
 
     def __call__(self, inputs: TokenMaskInputs) -> Tensor:
         """keep [b,T] = response mask x curvature mask."""
@@ -155,6 +157,7 @@ class CapoMask:
         advantages = inputs.advantages[selected].float()
         lm_head = inputs.lm_head.detach()
         keep = torch.ones(len(targets), dtype=torch.bool, device=hidden.device)
+        swapped = torch.zeros((), dtype=torch.long, device=hidden.device)  # sampled tokens outside the top-k
         adam = self.direction == "adam"
         if adam:
             self._adam = self._optimizer_settings(inputs.optimizer)
@@ -163,14 +166,17 @@ class CapoMask:
             for start in range(0, len(targets), CHUNK_TOKENS):
                 part = slice(start, start + CHUNK_TOKENS)
                 h, a = hidden[part].float(), advantages[part]
-                ids, probs, index = topk_distribution(hidden[part], lm_head, targets[part], self.top_k, inputs.temperature)
+                ids, probs, index, outside = topk_distribution(hidden[part], lm_head, targets[part], self.top_k,
+                                                               inputs.temperature)
+                swapped = swapped + outside.sum()
                 if not adam:
                     keep[part] = curvature_keep(*curvature_shifts(h, probs, index, a, inputs.lr), self.tau_h,
                                                 self.tau_f, self.symmetric)
                     continue
                 v = _score_direction(probs, index)
                 weights = a[:, None] * v  # the token's gradient is weights (x) h
-                kept, judged = a == 0, a != 0  # A = 0: no gradient of its own, always kept
+                judged = (a != 0) | self.judge_zero  # with "keep", A = 0 (no gradient of its own) is kept
+                kept = ~judged
                 if len(self.rows):
                     u = _adam_logit_change(weights[judged], h[judged], *self._moments(ids[judged]), self.step,
                                            *self._adam)
@@ -180,7 +186,7 @@ class CapoMask:
                                               self.tau_f, self.symmetric)
                 keep[part] = kept
                 self._add_accepted(ids[kept], weights[kept], h[kept])
-        self._count(keep, advantages)
+        self._count(keep, advantages, swapped)
         out = torch.zeros_like(inputs.mask)
         out[selected] = keep.to(out.dtype)
         return out
@@ -263,16 +269,18 @@ class CapoMask:
         zero = torch.zeros(1, first.shape[-1]) if first.numel() else None
         self._moments_of_rows = None if zero is None else (torch.cat([first, zero]), torch.cat([second, zero]))
 
-    def _count(self, keep: Tensor, advantages: Tensor) -> None:
+    def _count(self, keep: Tensor, advantages: Tensor, swapped: Tensor) -> None:
         rejected = ~keep
         pos, neg = advantages > 0, advantages < 0
         counts = [rejected.sum(), keep.new_tensor(len(keep), dtype=torch.long), (rejected & pos).sum(), pos.sum(),
-                  (rejected & neg).sum(), neg.sum()]
+                  (rejected & neg).sum(), neg.sum(), swapped.to(pos.device)]
         self._tally += torch.stack(counts).cpu().double()
 
     def step_metrics(self) -> dict[str, float]:
-        """Rejected fraction of the step's response tokens: all, A > 0, A < 0 (0 where there are none)."""
+        """Rejected fraction of the step's response tokens: all, A > 0, A < 0 (0 where there are none); the
+        fraction whose sampled token was outside the top-k (swapped in)."""
         t = self._tally.tolist()
         self._tally.zero_()
-        frac = [t[i] / t[i + 1] if t[i + 1] else 0.0 for i in (0, 2, 4)]
-        return {"capo/rejected_frac": frac[0], "capo/rejected_frac_pos": frac[1], "capo/rejected_frac_neg": frac[2]}
+        frac = [t[i] / t[j] if t[j] else 0.0 for i, j in ((0, 1), (2, 3), (4, 5), (6, 1))]
+        return {"capo/rejected_frac": frac[0], "capo/rejected_frac_pos": frac[1], "capo/rejected_frac_neg": frac[2],
+                "capo/swapped_frac": frac[3]}

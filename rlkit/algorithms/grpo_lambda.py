@@ -4,7 +4,9 @@ Once per step, on the batch that is trained: rank the groups by their share of c
 (stable, ties in ascending group id), give the top ⌈lam·#groups⌉ (at least one) the length reward
 r = 1 − alpha·σ((L − μ)/s) on correct responses and 0 on wrong ones, leave the other groups' rewards
 as they are. μ and s are the mean and population std of the lengths of the group's correct responses.
-The estimator (GRPO in the recipe) then runs on the shaped rewards.
+The estimator (GRPO in the recipe) then runs on the shaped rewards. alpha = 0.6 is the one value the
+sources give (a write-up's code); under GRPO's std normalisation it cancels in top groups whose correct
+responses share one σ (all correct, one correct, equal lengths) and matters in mixed ones.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ def grpo_lambda_rewards(
     *,
     scorable: Tensor | None = None,
     lam: float = 0.2,
-    alpha: float = 0.2,
+    alpha: float = 0.6,
 ) -> LengthReward:
     """Shape rewards [B] with correct [B] bool, lengths [B] long, group_ids [B] long, scorable [B] bool or None.
 
@@ -77,7 +79,7 @@ def check_lambda_options(lam: float, alpha: float) -> None:
     if not 0 < lam <= 1:
         raise ValueError(f"grpo_lambda lam: the top fraction of groups must be in (0, 1], got {lam}. Fix: e.g. lam=0.2")
     if alpha < 0:
-        raise ValueError(f"grpo_lambda alpha: the length penalty must be >= 0, got {alpha}. Fix: e.g. alpha=0.2")
+        raise ValueError(f"grpo_lambda alpha: the length penalty must be >= 0, got {alpha}. Fix: e.g. alpha=0.6")
 
 
 @SHAPERS.register("grpo_lambda", needs_groups=True)
@@ -89,7 +91,7 @@ class GrpoLambda:
     (left out when no response was correct); then it resets.
     """
 
-    def __init__(self, *, lam: float = 0.2, alpha: float = 0.2):
+    def __init__(self, *, lam: float = 0.2, alpha: float = 0.6):
         check_lambda_options(lam, alpha)
         self.lam, self.alpha = lam, alpha
         self._metrics: dict[str, float] = {}
