@@ -24,7 +24,9 @@ METHODS: dict[str, list[str]] = {
     "grpo": ["+recipe=grpo"],
     "opo": ["+recipe=opo"],
     "grpo_lambda": ["+recipe=grpo_lambda"],
-    "capo": ["+recipe=capo"],
+    # The recipe's warmup is a tenth of trainer.total_steps, which a budget-stopped run sets huge: 2 steps instead
+    # (its cosine then decays over those 100000 steps, so the rate stays near the peak for the whole budget).
+    "capo": ["+recipe=capo", "trainer.warmup_steps=2"],
     "fr3e": ["+recipe=fr3e"],
     "critique_grpo": ["+recipe=critique_grpo"],
 }

@@ -85,6 +85,8 @@ def runs(tmp_path_factory, tiny_model_dir):
 @pytest.mark.parametrize("name", ["grpo", "global"])
 def test_two_processes_train_the_weights_of_one(runs, name):
     _assert_same_training(runs / f"{name}_1", runs / f"{name}_2")
+    # actor/lr is the rate each update trained at: linear warmup over 2 steps from 0, then lr 1e-3
+    assert [m["actor/lr"] for m in _metrics(runs / f"{name}_1")] == pytest.approx([0.0, 5e-4, 1e-3, 1e-3])
     rounds = [m["batch/sample_rounds"] for m in _metrics(runs / f"{name}_2")]
     if name == "global":
         assert max(rounds) > 1  # resampling happened, and ended at the same round on both ranks

@@ -149,6 +149,7 @@ class Trainer:
             batch.advantages = self.plugins["algorithm.advantage"](
                 batch.rewards, batch.group_ids, batch.response_mask, scorable=batch.scorable, **batch.estimator_inputs)
         self.engine.sleep()  # frees the engine's GPU memory during the update where sleep mode is on
+        lr = self.learner.lr  # the rate this update trains at (the schedule steps inside it)
         metrics.update(self.learner.update(batch))
         self.engine.wake()
         train_s = time.perf_counter() - tick
@@ -158,7 +159,7 @@ class Trainer:
         self.step += 1
         timer = {"generate": collected.generate_s, "reward": collected.reward_s, "train": train_s,
                  "weight_push": push_s, "step": time.perf_counter() - start}
-        metrics.update(step_metrics(timer, metrics, lr=self.learner.lr, rounds=collected.rounds))
+        metrics.update(step_metrics(timer, metrics, lr=lr, rounds=collected.rounds))
         for plugin in self.plugins.values():
             metrics.update(plugin.step_metrics())
         if self.cfg.trainer.eval_every and self.step % self.cfg.trainer.eval_every == 0:
