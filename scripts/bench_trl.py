@@ -96,7 +96,7 @@ def shared_config(args: argparse.Namespace, output_dir: str):
         f"model.path={args.model}",
         "model.dtype=float32",
         "model.gradient_checkpointing=false",
-        "rollout.engine=vllm",
+        "rollout=vllm",
         f"rollout.n={args.n}",
         f"rollout.max_tokens={args.max_tokens}",
         "rollout.temperature=1.0",
@@ -116,6 +116,23 @@ def shared_config(args: argparse.Namespace, output_dir: str):
     ])
     validate(cfg)
     return cfg
+
+
+def clip_range(cfg) -> tuple[float, float]:
+    """(eps_low, eps_high) of rlkit's policy loss, its configured options over the plug-in's defaults, for TRL's
+    `epsilon`/`epsilon_high`; only a single-clip `ppo_clip` has a TRL counterpart."""
+    import inspect
+
+    from rlkit.algorithms.plugins import POLICY_LOSSES
+    from rlkit.config import spec_at
+
+    spec = spec_at(cfg, "algorithm.policy_loss")
+    defaults = {k: p.default for k, p in inspect.signature(POLICY_LOSSES.get(spec.name)).parameters.items()}
+    options = {**defaults, **spec.options}
+    if spec.name != "ppo_clip" or options.get("dual_clip_c") is not None:
+        raise SystemExit(f"algorithm.policy_loss: TRL's GRPO loss is a single PPO clip, got {spec.name!r} "
+                         f"with {spec.options}. Fix: algorithm.policy_loss=ppo_clip without dual_clip_c")
+    return options["eps_low"], options["eps_high"]
 
 
 def summarize(records: list[dict], warmup: int) -> dict:
@@ -236,6 +253,7 @@ def run_trl(args: argparse.Namespace) -> dict:
     except ImportError as err:
         raise SystemExit(f"TRL is not importable ({err}); install it: .venv/bin/pip install --no-deps trl==1.16.0")
 
+    from rlkit.config import spec_at
     from rlkit.data import load_rows
 
     sections: dict[str, float] = defaultdict(float)
@@ -266,7 +284,8 @@ def run_trl(args: argparse.Namespace) -> dict:
     batch = args.prompts * args.n
     with tempfile.TemporaryDirectory(prefix="bench_trl_") as tmp:
         cfg = shared_config(args, tmp)
-        d, t, loss = cfg.data, cfg.trainer, cfg.algorithm.loss
+        d, t = cfg.data, cfg.trainer
+        eps_low, eps_high = clip_range(cfg)
         tokenizer = AutoTokenizer.from_pretrained(args.model)
         rows = load_rows(d.source, split=d.split, prompt_column=d.prompt_column, answer_column=d.answer_column,
                          answer_format=d.answer_format, limit=d.limit, seed=cfg.seed,
@@ -287,8 +306,8 @@ def run_trl(args: argparse.Namespace) -> dict:
             beta=0.0,
             loss_type="grpo",
             scale_rewards="group",
-            epsilon=loss.eps_low,
-            epsilon_high=loss.eps_high,
+            epsilon=eps_low,
+            epsilon_high=eps_high,
             learning_rate=t.lr,
             adam_beta1=t.betas[0],
             adam_beta2=t.betas[1],
@@ -303,7 +322,7 @@ def run_trl(args: argparse.Namespace) -> dict:
             use_vllm=args.trl_vllm,
             vllm_mode="colocate",
             vllm_max_model_length=cfg.rollout.engine.options.max_model_len,
-            vllm_gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+            vllm_gpu_memory_utilization=cfg.rollout.engine.options.gpu_memory_utilization,
             seed=cfg.seed,
             logging_steps=1,
             report_to="none",
@@ -314,10 +333,10 @@ def run_trl(args: argparse.Namespace) -> dict:
         clock = StepClock()
         tick = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-        reward_options = OmegaConf.to_container(cfg.reward.options, resolve=True)
+        verifier = spec_at(cfg, "reward.verifier")
         trainer = GRPOTrainer(
             model=model,
-            reward_funcs=make_reward_func(cfg.reward.verifier, reward_options),
+            reward_funcs=make_reward_func(verifier.name, verifier.options),
             args=config,
             train_dataset=dataset,
             processing_class=tokenizer,

@@ -126,6 +126,27 @@ def test_rejecting_token_mask_is_invariant_and_leaves_the_denominator(trainer_an
     model.zero_grad(set_to_none=True)
 
 
+@pytest.mark.parametrize("mask_name", ["none", "rl_tasks:reject_every_third"])
+def test_shared_prompt_forward_gives_the_same_step(trainer_and_batch, mask_name):
+    """trainer.shared_prompt_forward=true: the per-sequence forward's gradient, whatever the micro-batch split
+    (a split may cut a group: its prompt then runs once per micro-batch)."""
+    from rlkit.registry import PluginSpec
+
+    trainer, batch = trainer_and_batch
+    trainer.cfg.algorithm.loss.agg = "seq-mean-token-mean"
+    original = trainer.plugins["algorithm.token_mask"]
+    trainer.plugins["algorithm.token_mask"] = TOKEN_MASKS.build(PluginSpec(mask_name))
+    try:
+        plain = _gradients(trainer, batch, len(batch))
+        trainer.cfg.trainer.shared_prompt_forward = True
+        for size in (len(batch), 3):  # 3 cuts groups of 4
+            for g_plain, g_shared in zip(plain, _gradients(trainer, batch, size)):
+                torch.testing.assert_close(g_shared, g_plain, rtol=0, atol=1e-6)
+    finally:
+        trainer.cfg.trainer.shared_prompt_forward = False
+        trainer.plugins["algorithm.token_mask"] = original
+
+
 def test_rejected_tokens_leave_the_token_mean_denominator():
     """8 tokens with loss -1 each, 2 rejected: the token-mean loss is -1.0 (6/6), not -0.75 (6/8)."""
     from rlkit.algorithms import combine_loss, loss_normalizer

@@ -22,6 +22,7 @@ from rlkit.ranks import Ranks
 from rlkit.registry import Plugin
 from rlkit.trainer.logprobs import policy_logprobs
 from rlkit.trainer.metrics import UpdateStats
+from rlkit.trainer.shared_prompt import row_order
 from rlkit.trainer.setup import DATA_PARALLEL, load_policy
 
 # Gradients are summed over ranks in flat buckets of at most this many elements.
@@ -154,11 +155,12 @@ class Learner:
     def _share(self, batch: RolloutBatch, mini: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's rows of a mini-batch [m] and whether each is live [s] (0: padding that carries no loss).
 
-        Rows are sorted by length (similar lengths share a micro-batch) and dealt round-robin, so ranks get
-        similar token counts; every rank gets ceil(m / world_size) rows, a short share padded with copies.
+        Rows are sorted by length (similar lengths share a micro-batch; with trainer.shared_prompt_forward rows of
+        one prompt stay adjacent) and dealt round-robin, so ranks get similar token counts; every rank gets
+        ceil(m / world_size) rows, a short share padded with copies.
         """
         lengths = torch.tensor([len(batch.prompt_ids[i]) for i in mini]) + batch.lengths[mini]
-        mini = mini[lengths.argsort(descending=True, stable=True)]
+        mini = mini[row_order([batch.prompt_ids[i] for i in mini], lengths, by_prompt=self.cfg.trainer.shared_prompt_forward)]
         mine = mini[self.rank :: self.world_size]
         pad = -(-len(mini) // self.world_size) - len(mine)
         live = torch.cat([torch.ones(len(mine)), torch.zeros(pad)])
@@ -268,7 +270,8 @@ class Learner:
             return policy_logprobs(model, batch.prompt_ids, batch.response_ids, batch.response_mask,
                                    lengths=batch.lengths, pad_id=self.pad_id,
                                    temperature=self.cfg.rollout.temperature,
-                                   chunk_tokens=self.cfg.trainer.logprob_chunk_tokens, return_hidden=hidden)
+                                   chunk_tokens=self.cfg.trainer.logprob_chunk_tokens, return_hidden=hidden,
+                                   shared_prompt=self.cfg.trainer.shared_prompt_forward)
 
     def token_stats(self, batch: RolloutBatch) -> PolicyOutputs:
         """Logprobs and entropies [B,T] of the batch under the current policy, one micro-batch at a time (CPU)."""

@@ -10,6 +10,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from rlkit.batch import PolicyOutputs
+from rlkit.trainer.shared_prompt import shared_prompt_hidden
 
 
 def pack_inputs(prompt_ids: list[list[int]], response_ids: torch.Tensor, lengths: torch.Tensor, pad_id: int):
@@ -54,6 +55,7 @@ def policy_logprobs(
     temperature: float = 1.0,
     chunk_tokens: int = 1024,
     return_hidden: bool = False,
+    shared_prompt: bool = False,
 ) -> PolicyOutputs:
     """Logprobs [b,T] of `response_ids` given `prompt_ids` under `model`, at the sampling temperature.
 
@@ -62,13 +64,17 @@ def policy_logprobs(
 
     Works for any HF causal LM whose `base_model` returns `last_hidden_state` and whose
     output embedding is a bias-free linear head (Llama, Qwen2/3, Mistral, SmolLM, ...).
+    shared_prompt: run each distinct prompt once (`rlkit.trainer.shared_prompt`) instead of once per row.
     """
     device = next(model.parameters()).device
     lengths = response_mask.sum(-1).long() if lengths is None else lengths
-    input_ids, attention, positions = pack_inputs(prompt_ids, response_ids, lengths, pad_id)
-    hidden = model.base_model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).last_hidden_state
     rows, steps = response_mask.nonzero(as_tuple=True)
-    picked = hidden[rows.to(device), positions[rows, steps].to(device)]  # [N,d]
+    if shared_prompt:
+        picked = shared_prompt_hidden(model.base_model, prompt_ids, response_ids, lengths, rows, steps, pad_id)
+    else:
+        input_ids, attention, positions = pack_inputs(prompt_ids, response_ids, lengths, pad_id)
+        hidden = model.base_model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).last_hidden_state
+        picked = hidden[rows.to(device), positions[rows, steps].to(device)]  # [N,d]
     targets = response_ids[rows, steps].to(device)
     weight = model.get_output_embeddings().weight
     logps, ents = [], []
@@ -89,6 +95,6 @@ def policy_logprobs(
         entropies = entropies.index_put(index, torch.cat(ents))
     hidden_out = None
     if return_hidden:
-        hidden_out = torch.zeros(*shape, hidden.shape[-1], device=device, dtype=hidden.dtype)
+        hidden_out = torch.zeros(*shape, picked.shape[-1], device=device, dtype=picked.dtype)
         hidden_out[index] = picked.detach()
     return PolicyOutputs(logprobs, entropies, hidden_out)

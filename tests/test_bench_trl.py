@@ -1,0 +1,58 @@
+"""scripts/bench_trl.py (docs/benchmarks.md) runs both halves, rlkit and TRL, and reads the settings it shares
+from rlkit's config where they live now."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "bench_trl.py"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("bench_trl", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _config(bench, tiny_model_dir, tmp_path, *extra):
+    args = bench.parse_args(["--model", str(tiny_model_dir), "--prompts", "2", "--n", "2", *extra])
+    return bench.shared_config(args, str(tmp_path))
+
+
+def test_clip_range_reads_the_policy_loss_options(tiny_model_dir, tmp_path):
+    bench = _script()
+    cfg = _config(bench, tiny_model_dir, tmp_path)
+    assert bench.clip_range(cfg) == (0.2, 0.2)  # ppo_clip's defaults
+    cfg.algorithm.policy_loss = {"name": "ppo_clip", "options": {"eps_high": 0.28}}
+    assert bench.clip_range(cfg) == (0.2, 0.28)
+    cfg.algorithm.policy_loss = {"name": "ppo_clip", "options": {"dual_clip_c": 3.0}}
+    with pytest.raises(SystemExit, match="single PPO clip"):
+        bench.clip_range(cfg)
+    cfg.algorithm.policy_loss = {"name": "critique", "options": {}}
+    with pytest.raises(SystemExit, match="critique"):
+        bench.clip_range(cfg)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("trl") is None,
+                    reason="TRL not installed (pip install --no-deps trl==1.16.0; `make setup` does)")
+def test_bench_trl_runs_both_frameworks(tiny_model_dir, tmp_path):
+    """One step of each framework, 2 prompts x 2 samples x 8 tokens at forced full length (about 50 s)."""
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--model", str(tiny_model_dir), "--prompts", "2", "--n", "2",
+                           "--max-tokens", "8", "--steps", "1", "--warmup", "0", "--force-full-length",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    for name in ("rlkit", "trl"):
+        assert result[name]["median"]["tokens"] == 2 * 2 * 8  # every response forced to 8 tokens
+        assert result[name]["median"]["train"] > 0
+    assert result["ratio"]["step_time"] > 0
+    assert "TRL / rlkit step time" in proc.stdout
