@@ -9,6 +9,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from rlkit.errors import ConfigError
+from rlkit.launch import launch_problem
 from rlkit.registry import Plugin, PluginSpec, Registry, capabilities_of, plugin_spec
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
@@ -201,7 +202,7 @@ def validate(cfg: DictConfig) -> None:
     if on_policy_users and not a.allow_off_policy:
         _check_exact_on_policy(cfg, ", ".join(on_policy_users))
     _check_sampler_inputs(cfg)
-    _check_world_size(cfg)
+    _check_launch(cfg)
     engine = spec_at(cfg, "rollout.engine")
     _check_plugin("rollout.engine", ENGINES, PluginSpec(engine_target(engine.name), engine.options))
     verifier = spec_at(cfg, "reward.verifier")
@@ -248,23 +249,12 @@ def validate(cfg: DictConfig) -> None:
     _check_model_path(cfg.model.path)
 
 
-def world_size() -> int:
-    """Processes of this job, as its launcher (accelerate launch, torchrun) sets WORLD_SIZE; 1 without one."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def _check_world_size(cfg: DictConfig) -> None:
-    """Over several processes: the step's prompts split evenly over the ranks; no plug-in that is single-process."""
-    world, prompts = world_size(), cfg.trainer.prompts_per_step
-    if world == 1:
-        return
-    _require(prompts % world == 0, "trainer.prompts_per_step", f"the step's {prompts} prompts must split evenly over "
-             f"the job's {world} processes (each rank samples its share)",
-             f"set trainer.prompts_per_step to a multiple of {world}, or launch a number of processes that divides {prompts}")
-    for key, registry in plug_points().items():
-        name = spec_at(cfg, key).name
-        _require(not capabilities_of(registry.get(name)).single_process, key, f"{name} keeps state updated from one "
-                 f"process's tokens, which {world} processes would each update apart", f"train {key}={name} in one process")
+def _check_launch(cfg: DictConfig) -> None:
+    """`rlkit.launch.launch_problem` of the config under this job's launch, raised."""
+    plugins = {key: (spec_at(cfg, key).name, capabilities_of(registry.get(spec_at(cfg, key).name)))
+               for key, registry in plug_points().items()}
+    if problem := launch_problem(cfg, plugins):
+        raise ConfigError(problem)
 
 
 def _check_exact_on_policy(cfg: DictConfig, users: str) -> None:
