@@ -11,6 +11,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from rlkit.errors import ConfigError, require
+from rlkit.launch import launch_problem
 from rlkit.option_types import check_option_types
 from rlkit.ranges import check_ranges
 from rlkit.registry import Plugin, PluginSpec, Registry, capabilities_of, plugin_spec
@@ -210,7 +211,7 @@ def validate(cfg: DictConfig) -> None:
     if on_policy_users and not a.allow_off_policy:
         _check_exact_on_policy(cfg, ", ".join(on_policy_users))
     _check_sampler_inputs(cfg)
-    _check_world_size(cfg)
+    _check_launch(cfg)
     engine = spec_at(cfg, "rollout.engine")
     _check_plugin("rollout.engine", ENGINES, PluginSpec(engine_target(engine.name), engine.options))
     verifier = spec_at(cfg, "reward.verifier")
@@ -245,23 +246,12 @@ def validate(cfg: DictConfig) -> None:
     check_machine(cfg)
 
 
-def world_size() -> int:
-    """Processes of this job, as its launcher (accelerate launch, torchrun) sets WORLD_SIZE; 1 without one."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def _check_world_size(cfg: DictConfig) -> None:
-    """Over several processes: the step's prompts split evenly over the ranks; no plug-in that is single-process."""
-    world, prompts = world_size(), cfg.trainer.prompts_per_step
-    if world == 1:
-        return
-    require(prompts % world == 0, "trainer.prompts_per_step", f"the step's {prompts} prompts must split evenly over "
-             f"the job's {world} processes (each rank samples its share)",
-             f"set trainer.prompts_per_step to a multiple of {world}, or launch a number of processes that divides {prompts}")
-    for key, registry in plug_points().items():
-        name = spec_at(cfg, key).name
-        require(not capabilities_of(registry.get(name)).single_process, key, f"{name} keeps state updated from one "
-                 f"process's tokens, which {world} processes would each update apart", f"train {key}={name} in one process")
+def _check_launch(cfg: DictConfig) -> None:
+    """`rlkit.launch.launch_problem` of the config under this job's launch, raised."""
+    plugins = {key: (spec_at(cfg, key).name, capabilities_of(registry.get(spec_at(cfg, key).name)))
+               for key, registry in plug_points().items()}
+    if problem := launch_problem(cfg, plugins):
+        raise ConfigError(problem)
 
 
 def _check_exact_on_policy(cfg: DictConfig, users: str) -> None:

@@ -41,6 +41,8 @@ class Capabilities:
         token mask reads, e.g. Critique-GRPO's ``is_refinement``).
     single_process: keeps state updated from one process's data (CAPO's direction model); validation refuses it
         in a job of several processes.
+    reads_lm_head / reads_optimizer_state: reads the whole output embedding [V,d] (`TokenMaskInputs.lm_head`) or
+        the optimizer's per-parameter state; validation refuses either under FSDP2, which shards both over the ranks.
     """
 
     needs_groups: bool = False
@@ -52,6 +54,8 @@ class Capabilities:
     needs_extras: tuple[str, ...] = ()
     provides_extras: tuple[str, ...] = ()
     single_process: bool = False
+    reads_lm_head: bool = False
+    reads_optimizer_state: bool = False
 
 
 def declare(**capabilities) -> Callable[[T], T]:

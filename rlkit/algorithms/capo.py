@@ -113,7 +113,7 @@ def curvature_keep(m_h: Tensor, m_f: Tensor, tau_h: float, tau_f: float, symmetr
     return hessian_ok & (m_f < tau_f)
 
 
-@TOKEN_MASKS.register("capo", needs_hidden=True, single_process=True)
+@TOKEN_MASKS.register("capo", needs_hidden=True, single_process=True, reads_lm_head=True)
 class CapoMask:
     """CAPO's token-level curvature mask (docs/algorithms.md, "CAPO").
 

@@ -27,15 +27,19 @@ def save_checkpoint(root: Path, step: int, *, learner, ranks: Ranks = Ranks(), s
     learner: a `rlkit.trainer.learner.Learner` (its HF model and tokenizer, optimizer, scheduler, version).
     save_optimizer: False leaves the optimizer state out (AdamW's is twice the model's size); a resume then
     restarts it. state: JSON-able trainer state; plugin_state: config key -> state_dict of each stateful plug-in.
-    Every rank calls it: the RNG states of all ranks are gathered and rank 0 writes; the others wait for it.
+    Every rank calls it: the RNG states of all ranks (and a sharded learner's state) are gathered and rank 0 writes;
+    the others wait for it.
     """
     rng = ranks.gather({"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()})
     final = root / f"step_{step}"
+    tmp = None
     if ranks.is_main:
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{step}.", dir=root))
-        learner.save_pretrained(tmp / "model")
-        torch.save({**learner.state_dict(optimizer=save_optimizer), "rng": rng, "plugins": plugin_state}, tmp / "optim.pt")
+    learner.save_pretrained(None if tmp is None else tmp / "model")  # every rank: a sharded learner gathers
+    learner_state = learner.state_dict(optimizer=save_optimizer)
+    if ranks.is_main:
+        torch.save({**learner_state, "rng": rng, "plugins": plugin_state}, tmp / "optim.pt")
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, "world_size": ranks.world_size, **state}, indent=1))
         if final.exists():
             shutil.rmtree(final)

@@ -4,6 +4,8 @@ It owns the accelerator, the model, the frozen reference (when a plug-in or the 
 and the LR schedule. The loop reaches the policy only through it: `update(batch)` (micro-batched forward,
 token mask, per-token loss, one global normaliser per mini-batch, optimizer step), `token_stats(batch)`,
 `weights()` for the rollout engine, `state_dict()`/`load_state_dict()` for checkpoints, and its rank facts.
+Launched with FSDP2 (`sharded`) the model's parameters are shards (rlkit.trainer.sharding); `weights()`,
+`state_dict()`, `load_*` and `save_pretrained` then gather or scatter, and every rank calls them alike.
 """
 from __future__ import annotations
 
@@ -20,16 +22,14 @@ from rlkit.algorithms.plugins import TokenMaskInputs
 from rlkit.batch import PolicyOutputs, RolloutBatch
 from rlkit.ranks import Ranks
 from rlkit.registry import Plugin
-from rlkit.trainer.logprobs import policy_logprobs
 from rlkit.trainer.metrics import UpdateStats
+from rlkit.trainer.setup import load_policy
 from rlkit.trainer.shared_prompt import row_order
-from rlkit.trainer.setup import DATA_PARALLEL, load_policy
+from rlkit.trainer.sharding import (clip_grad_norm, full_model_state, full_optimizer_state, full_weights,
+                                    load_full_model_state, load_full_optimizer_state)
 
-# Gradients are summed over ranks in flat buckets of at most this many elements.
-GRAD_BUCKET_ELEMENTS = 2**25
-
-# Seeds derived from cfg.seed: a large prime keeps runs with nearby seeds apart.
-SEED_MIX = 1_000_003
+GRAD_BUCKET_ELEMENTS = 2**25  # gradients are summed over ranks in flat buckets of at most this many elements
+SEED_MIX = 1_000_003  # seeds derived from cfg.seed: a large prime keeps runs with nearby seeds apart
 
 
 class Learner:
@@ -46,8 +46,8 @@ class Learner:
         self.ranks = Ranks(accelerator.process_index, accelerator.num_processes)
         set_seed(cfg.seed)
         needs_reference = cfg.algorithm.loss.kl_coef > 0 or any(p.capabilities.needs_reference for p in plugins.values())
-        self.tokenizer, self.model, self.ref_model, self.optimizer, self.scheduler = load_policy(
-            cfg, self.accelerator, needs_reference=needs_reference)
+        self.tokenizer, self.model, self.forward, self.reference, self.optimizer, self.scheduler, self.sharded = \
+            load_policy(cfg, self.accelerator, needs_reference=needs_reference)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         self.version = 0
 
@@ -65,43 +65,48 @@ class Learner:
         return self.ranks.is_main
 
     @property
-    def policy(self) -> torch.nn.Module:
-        """The HF model itself (unwrapped): what every forward runs through."""
-        return self.accelerator.unwrap_model(self.model)
-
-    @property
     def lr(self) -> float:
         """The scheduled learning rate of the next optimizer step."""
         return self.scheduler.get_last_lr()[0]
 
     # ------------------------------------------------------------------ the policy's interface
     def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(HF parameter name, full tensor) of every weight, the names the rollout engine loads."""
-        yield from self.policy.state_dict().items()
+        """(HF parameter name, full tensor) of every weight, the names the rollout engine loads; sharded, each
+        tensor is all-gathered when the iterator reaches it (one at a time)."""
+        yield from full_weights(self.model) if self.sharded else self.model.state_dict().items()
 
     def state_dict(self, *, optimizer: bool = True) -> dict:
-        """Optimizer (None with `optimizer=False`), scheduler and version; the weights go through `weights()`."""
-        return {"optimizer": self.optimizer.state_dict() if optimizer else None,
-                "scheduler": self.scheduler.state_dict(), "version": self.version}
+        """Optimizer (None with `optimizer=False`), scheduler and version; the weights go through `weights()`.
+        Sharded: the optimizer's full state keyed by parameter name, gathered onto rank 0 (empty elsewhere)."""
+        state = (full_optimizer_state(self.model, self.optimizer) if self.sharded else self.optimizer.state_dict()) \
+            if optimizer else None
+        return {"optimizer": state, "scheduler": self.scheduler.state_dict(), "version": self.version}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["optimizer"] is not None:
+        """A `state_dict()` of the same layout (sharded or not); sharded, every rank passes the full state."""
+        if state["optimizer"] is not None and self.sharded:
+            load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
+        elif state["optimizer"] is not None:
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.version = state["version"]
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Load HF-named weights (a checkpoint's); a tied output embedding may be absent. RuntimeError on a mismatch."""
-        model = self.policy
-        missing, unexpected = model.load_state_dict(weights, strict=False)
+        model = self.model
+        load = load_full_model_state if self.sharded else (lambda m, w: m.load_state_dict(w, strict=False))
+        missing, unexpected = load(model, weights)
         tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
         if set(missing) - tied or unexpected:
             raise RuntimeError(f"the weights do not match the model: missing {missing}, unexpected {unexpected}")
 
-    def save_pretrained(self, out: Path) -> None:
-        """The policy and its tokenizer as an HF model directory."""
-        self.policy.save_pretrained(out, safe_serialization=True)
-        self.tokenizer.save_pretrained(out)
+    def save_pretrained(self, out: Path | None) -> None:
+        """The policy and its tokenizer as an HF model directory at `out` (None: write nothing). Sharded, every
+        rank calls it: the full weights are gathered onto rank 0's CPU, and rank 0 passes `out`."""
+        state = full_model_state(self.model) if self.sharded else None
+        if out is not None:
+            self.model.save_pretrained(out, state_dict=state, safe_serialization=True)
+            self.tokenizer.save_pretrained(out)
 
     def close(self) -> None:
         """Leave the process group (after the engine closed: vLLM tears down its groups first)."""
@@ -159,8 +164,9 @@ class Learner:
         one prompt stay adjacent) and dealt round-robin, so ranks get similar token counts; every rank gets
         ceil(m / world_size) rows, a short share padded with copies.
         """
-        lengths = torch.tensor([len(batch.prompt_ids[i]) for i in mini]) + batch.lengths[mini]
-        mini = mini[row_order([batch.prompt_ids[i] for i in mini], lengths, by_prompt=self.cfg.trainer.shared_prompt_forward)]
+        prompts = [batch.prompt_ids[i] for i in mini]
+        lengths = torch.tensor([len(p) for p in prompts]) + batch.lengths[mini]
+        mini = mini[row_order(prompts, lengths, by_prompt=self.cfg.trainer.shared_prompt_forward)]
         mine = mini[self.rank :: self.world_size]
         pad = -(-len(mini) // self.world_size) - len(mine)
         live = torch.cat([torch.ones(len(mine)), torch.zeros(pad)])
@@ -179,19 +185,19 @@ class Learner:
         entropy_scale: `_entropy_normalizer` of the mini-batch (None: entropy aggregated like the policy term)."""
         device = self.accelerator.device
         token_mask = self.plugins["algorithm.token_mask"]
-        out = self._logprobs(self.policy, part, grad=True, hidden=token_mask.capabilities.needs_hidden)
+        out = self._logprobs(self.forward, part, grad=True, hidden=token_mask.capabilities.needs_hidden)
         advantages, response_mask = part.advantages.to(device), part.response_mask.to(device)
         keep = token_mask(TokenMaskInputs(
             response_ids=part.response_ids.to(device), mask=response_mask, advantages=advantages, hidden=out.hidden,
-            lm_head=self.policy.get_output_embeddings().weight,
+            lm_head=self.model.get_output_embeddings().weight,
             optimizer=self.optimizer, lr=self.lr, temperature=self.cfg.rollout.temperature))
         mask = response_mask * keep.to(response_mask.dtype)
         per_token, m = self.plugins["algorithm.policy_loss"](
             out.logprobs, old_logprobs.to(device), advantages, mask,
             extras={k: v.to(device) for k, v in part.extras.items()})
         kl = None
-        if self.ref_model is not None:
-            kl = k3_kl(out.logprobs, self._logprobs(self.ref_model, part).logprobs, mask)
+        if self.reference is not None:
+            kl = k3_kl(out.logprobs, self._logprobs(self.reference, part).logprobs, mask)
         loss_cfg = self.cfg.algorithm.loss
         loss, combined = combine_loss(per_token, mask, agg=loss_cfg.agg, normalizer=1.0, kl=kl, kl_coef=loss_cfg.kl_coef,
                                       entropies=out.entropies, entropy_coef=loss_cfg.entropy_coef,
@@ -228,18 +234,17 @@ class Learner:
     def _optimizer_step(self, normalizer: float, stats: UpdateStats) -> None:
         """Sum the gradient over ranks, scale it to the normalised loss, clip, step.
 
-        Data parallel (DDP types): one summing all-reduce here. Sharded types (FSDP, DeepSpeed) reduce in
-        backward and average over ranks, which the scale undoes."""
-        summed = self.accelerator.distributed_type in DATA_PARALLEL
-        if summed:
+        Data parallel: one summing all-reduce here. Sharded (FSDP2): backward reduce-scattered each gradient as
+        a sum over ranks already, so each rank scales and clips its shards (the norm is taken over every rank)."""
+        if not self.sharded:
             self._sum_gradients()
-        scale = (1 if summed else self.world_size) / normalizer if normalizer > 0 else 0.0
+        scale = 1 / normalizer if normalizer > 0 else 0.0
         for param in self.model.parameters():
             if param.grad is not None:
                 param.grad.mul_(scale)
-        if self.cfg.trainer.max_grad_norm:
-            stats.add_grad_norm(float(self.accelerator.clip_grad_norm_(self.model.parameters(),
-                                                                       self.cfg.trainer.max_grad_norm)))
+        if max_norm := self.cfg.trainer.max_grad_norm:
+            clip = clip_grad_norm if self.sharded else self.accelerator.clip_grad_norm_
+            stats.add_grad_norm(float(clip(self.model.parameters(), max_norm)))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -264,18 +269,18 @@ class Learner:
                     g.copy_(summed.view_as(g))
                 bucket = []
 
-    def _logprobs(self, model: torch.nn.Module, batch: RolloutBatch, *, grad: bool = False, hidden: bool = False):
-        """`policy_logprobs` of `batch` under `model` at the sampling temperature (PolicyOutputs, tensors [b,T])."""
+    def _logprobs(self, forward: torch.nn.Module, batch: RolloutBatch, *, grad: bool = False, hidden: bool = False):
+        """`policy_logprobs` of `batch` through `forward` (a LogprobsForward) at the sampling temperature
+        (PolicyOutputs, tensors [b,T])."""
         with torch.set_grad_enabled(grad), self.accelerator.autocast():
-            return policy_logprobs(model, batch.prompt_ids, batch.response_ids, batch.response_mask,
-                                   lengths=batch.lengths, pad_id=self.pad_id,
-                                   temperature=self.cfg.rollout.temperature,
-                                   chunk_tokens=self.cfg.trainer.logprob_chunk_tokens, return_hidden=hidden,
-                                   shared_prompt=self.cfg.trainer.shared_prompt_forward)
+            return forward(batch.prompt_ids, batch.response_ids, batch.response_mask, lengths=batch.lengths,
+                           pad_id=self.pad_id, temperature=self.cfg.rollout.temperature,
+                           chunk_tokens=self.cfg.trainer.logprob_chunk_tokens, return_hidden=hidden,
+                           shared_prompt=self.cfg.trainer.shared_prompt_forward)
 
     def token_stats(self, batch: RolloutBatch) -> PolicyOutputs:
         """Logprobs and entropies [B,T] of the batch under the current policy, one micro-batch at a time (CPU)."""
-        parts = [self._logprobs(self.policy, batch.select(p))
+        parts = [self._logprobs(self.forward, batch.select(p))
                  for p in torch.arange(len(batch)).split(self.cfg.trainer.micro_batch_size)]
         return PolicyOutputs(torch.cat([p.logprobs.float().cpu() for p in parts]),
                              torch.cat([p.entropies.float().cpu() for p in parts]))

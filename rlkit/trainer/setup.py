@@ -6,12 +6,12 @@ from datetime import timedelta
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs
+from accelerate.utils import InitProcessGroupKwargs
 from omegaconf import DictConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
-# Where rlkit sums the gradients itself (one all-reduce per optimizer step); other types shard (FSDP, DeepSpeed).
-DATA_PARALLEL = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+from rlkit.launch import sharding
+from rlkit.trainer.sharding import LogprobsForward, shard
 
 
 def make_accelerator(cfg: DictConfig) -> Accelerator:
@@ -23,8 +23,10 @@ def make_accelerator(cfg: DictConfig) -> Accelerator:
 
 
 def load_policy(cfg: DictConfig, accelerator: Accelerator, *, needs_reference: bool):
-    """(tokenizer, model, reference model or None, optimizer, scheduler), prepared by `accelerator`.
+    """(tokenizer, model, forward, reference or None, optimizer, scheduler, sharded) on `accelerator`'s device.
 
+    model: the HF model, whose parameters are DTensor shards when `sharded` (launched with FSDP2); forward: the
+    `LogprobsForward` every training and scoring pass runs through; reference: the frozen initial policy's.
     The scheduler counts optimizer steps: total_steps x ppo_epochs x mini_batches.
     """
     t = cfg.trainer
@@ -32,18 +34,20 @@ def load_policy(cfg: DictConfig, accelerator: Accelerator, *, needs_reference: b
     model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=getattr(torch, cfg.model.dtype))
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    reference = None
-    if needs_reference:
-        reference = copy.deepcopy(model).requires_grad_(False).eval().to(accelerator.device)
+    reference = copy.deepcopy(model).requires_grad_(False).eval() if needs_reference else None
+    # Neither path hands the model to accelerator.prepare. Data parallel: the Learner sums gradients over ranks once
+    # per optimizer step, so the model is not wrapped in DDP (its per-backward hooks would need every micro-batch to
+    # go through DDP.forward). FSDP2: rlkit shards by decoder layer itself, with LogprobsForward as the root, since
+    # the trainer's forward is not the HF model's forward. The scheduler is never prepared: accelerate would step
+    # it once per process at every optimizer step.
+    sharded = sharding() == "fsdp2"
+    place = (lambda m: shard(m, accelerator.device)) if sharded else (lambda m: LogprobsForward(m.to(accelerator.device)))
+    forward = place(model)
+    if reference is not None:
+        reference = place(reference)
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
     scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps,
                               num_training_steps=t.total_steps * t.ppo_epochs * t.mini_batches)
-    # Data parallel: the Learner sums gradients over ranks once per optimizer step, so the model is not wrapped
-    # in DDP (its per-backward hooks would need every micro-batch to go through DDP.forward). The scheduler is
-    # never prepared: accelerate would step it once per process at every optimizer step.
-    if accelerator.distributed_type in DATA_PARALLEL:
-        model = model.to(accelerator.device)
+    if not sharded:  # fp16's loss scaler lives in the prepared optimizer (refused under FSDP2)
         optimizer = accelerator.prepare(optimizer)
-    else:
-        model, optimizer = accelerator.prepare(model, optimizer)
-    return tokenizer, model, reference, optimizer, scheduler
+    return tokenizer, model, forward, reference, optimizer, scheduler, sharded

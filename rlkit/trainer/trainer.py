@@ -241,8 +241,7 @@ class Trainer:
                                plugin_state=plugin_state, keep_last=self.cfg.trainer.keep_last)
 
     def export(self, out: Path) -> None:
-        if self.ranks.is_main:
-            self.learner.save_pretrained(out)
+        self.learner.save_pretrained(out if self.ranks.is_main else None)  # every rank: a sharded learner gathers
         self.ranks.barrier()
 
     def close(self) -> None:
