@@ -2,7 +2,7 @@
 
 Two servers start once for the module (launch mode of the engine itself and a bare `ServerProcess`); the
 tests share them, the last one kills the second. The server finds rlkit's weight-transfer backend through the
-`vllm.general_plugins` entry point; `server_env` declares it on PYTHONPATH so the tests need no reinstall.
+`vllm.general_plugins` entry point; conftest's `vllm_plugin_env` declares it on PYTHONPATH (no reinstall).
 """
 import os
 import signal
@@ -19,7 +19,6 @@ from rlkit.rollout.server_launch import ServerProcess, free_port, serve_command
 from rlkit.rollout.shm_transfer import BACKEND_NAME, SharedMemoryWriter, views
 from test_weight_sync import _sample, _train_one_step, _trainer_logprobs
 
-REPO = Path(__file__).resolve().parent.parent
 PROMPTS = [[11, 12, 13, 14], [20, 21], [30, 31, 32, 33, 34, 35], [40, 41, 42]]
 
 
@@ -65,25 +64,7 @@ def test_serve_command_has_what_rlkit_needs():
 
 # ---------------------------------------------------------------------------------------------- real servers
 @pytest.fixture(scope="module")
-def server_env(tmp_path_factory):
-    """PYTHONPATH for the servers: this checkout's rlkit and a distribution declaring the plugin entry point
-    (what `pip install -e .` makes of pyproject.toml's [project.entry-points."vllm.general_plugins"])."""
-    shim = tmp_path_factory.mktemp("plugin") / "rlkit_vllm_plugin-0.dist-info"
-    shim.mkdir()
-    (shim / "METADATA").write_text("Metadata-Version: 2.1\nName: rlkit-vllm-plugin\nVersion: 0\n")
-    (shim / "entry_points.txt").write_text(
-        "[vllm.general_plugins]\nrlkit_weight_transfer = rlkit.rollout.shm_transfer:register\n")
-    old = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(shim.parent), str(REPO)] + ([old] if old else []))
-    yield
-    if old is None:
-        del os.environ["PYTHONPATH"]
-    else:
-        os.environ["PYTHONPATH"] = old
-
-
-@pytest.fixture(scope="module")
-def servers(server_env, tiny_model_dir, tmp_path_factory):
+def servers(vllm_plugin_env, tiny_model_dir, tmp_path_factory):
     """(launched engine, second server's url, second ServerProcess), started at the same time."""
     logs = tmp_path_factory.mktemp("logs")
     port = free_port("127.0.0.1")
