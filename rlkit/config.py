@@ -213,7 +213,11 @@ def validate(cfg: DictConfig) -> None:
     _check_sampler_inputs(cfg)
     _check_launch(cfg)
     engine = spec_at(cfg, "rollout.engine")
-    _check_plugin("rollout.engine", ENGINES, PluginSpec(engine_target(engine.name), engine.options))
+    try:
+        target = engine_target(engine.name)
+    except KeyError as err:
+        raise ConfigError(f"rollout.engine={engine.name}: {err.args[0]}") from None
+    _check_plugin("rollout.engine", ENGINES, PluginSpec(target, engine.options))
     verifier = spec_at(cfg, "reward.verifier")
     try:
         check_options(verifier.name, VERIFIERS.get(verifier.name), verifier.options)

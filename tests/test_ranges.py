@@ -26,9 +26,10 @@ def _numeric(value) -> bool:
 
 @pytest.fixture(scope="module")
 def configs(tiny_model_dir):
-    """(name, composed config) of the default and of every recipe, values resolved."""
+    """(name, composed config) of the default, the server engine's rollout and every recipe, values resolved."""
     return [(name, compose([f"model.path={tiny_model_dir}", *extra]))
-            for name, extra in [("default", []), *((r, [f"+recipe={r}"]) for r in RECIPES)]]
+            for name, extra in [("default", []), ("vllm_server", ["rollout=vllm_server"]),
+                                *((r, [f"+recipe={r}"]) for r in RECIPES)]]
 
 
 def _bad_value(allowed: Range):

@@ -1,14 +1,24 @@
-"""Rollout engines (`vllm`, `hf`) behind one protocol; see `rlkit.rollout.base`."""
+"""Rollout engines (`vllm`, `vllm_server`, `hf`) behind one protocol; see `rlkit.rollout.base`."""
+import difflib
+
 from rlkit.registry import PluginSpec
 from rlkit.rollout.base import ENGINES, Completion, RolloutEngine, SamplingConfig
 
 # Built-ins by import path, so the heavy `vllm` import happens only when it is used.
-_BUILTIN = {"vllm": "rlkit.rollout.vllm_engine:VLLMEngine", "hf": "rlkit.rollout.hf_engine:HFEngine"}
+_BUILTIN = {"vllm": "rlkit.rollout.vllm_engine:VLLMEngine", "hf": "rlkit.rollout.hf_engine:HFEngine",
+            "vllm_server": "rlkit.rollout.server_engine:VLLMServerEngine"}
 
 
 def engine_target(name: str) -> str:
-    """The registry key of engine `name`: a built-in's import path, else `name` itself."""
-    return _BUILTIN.get(name, name)
+    """The registry key of engine `name`: a built-in's import path, else `name` itself (a registered name or an
+    import path). KeyError listing every engine name for anything else."""
+    if name in _BUILTIN:
+        return _BUILTIN[name]
+    if ":" in name or name in ENGINES:
+        return name
+    close = difflib.get_close_matches(name, engine_names(), n=1, cutoff=0.6)
+    raise KeyError(f"unknown rollout engine {name!r}{f'; did you mean {close[0]!r}?' if close else ''} "
+                   f"known: {', '.join(engine_names())} (or give an import path 'package.module:Class')")
 
 
 def create_engine(name: str, model_path: str, **options) -> RolloutEngine:

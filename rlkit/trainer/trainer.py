@@ -162,6 +162,7 @@ class Trainer:
         metrics.update(step_metrics(timer, metrics, lr=lr, rounds=collected.rounds))
         for plugin in self.plugins.values():
             metrics.update(plugin.step_metrics())
+        metrics.update(getattr(self.engine, "step_metrics", dict)())  # e.g. vllm_server: rollout/weight_version
         if self.cfg.trainer.eval_every and self.step % self.cfg.trainer.eval_every == 0:
             if self.evaluator is not None:  # rank 0 evaluates (outside time/step); the others wait
                 metrics.update(self.evaluate())

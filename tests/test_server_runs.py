@@ -1,0 +1,85 @@
+"""Training runs on the vllm_server engine with `launch: true`: the same run as colocated, and the launched
+server is stopped when the run ends, fails to start, or is interrupted with SIGINT (nothing left behind)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+from safetensors.torch import load_file
+
+from rlkit.rollout import create_engine
+from rlkit.rollout.server_http import ServerError
+from rlkit.rollout.server_launch import free_port
+from test_trainer_e2e import run
+
+COMMON = ["trainer.total_steps=3", "trainer.lr=1e-3", "reward.verifier=rl_tasks:contains_seven"]
+SERVER = ["rollout=vllm_server", "rollout.engine.options.launch=true", "rollout.engine.options.max_model_len=256"]
+
+
+def _server_group(port: int) -> int | None:
+    """The process group of the server listening on `port` (its api_server's pid), if one runs."""
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if "vllm.entrypoints.openai.api_server" in cmd and str(port) in cmd:
+            return proc.info["pid"]
+    return None
+
+
+def _group_alive(pgid: int) -> bool:
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if os.getpgid(proc.info["pid"]) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                return True
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            pass
+    return False
+
+
+@pytest.mark.slow
+def test_the_same_run_on_a_launched_server_as_colocated(vllm_plugin_env, tmp_path, tiny_model_dir):
+    served = run(tmp_path, tiny_model_dir, "served", *COMMON, *SERVER)
+    colocated = run(tmp_path, tiny_model_dir, "colocated", *COMMON)
+    assert "Application startup complete" in (tmp_path / "served" / "vllm_server.log").read_text()
+    assert [m["rollout/weight_version"] for m in served] == [0.0, 1.0, 2.0]
+    for s, c in zip(served, colocated):
+        assert s["rollout/logprob_gap_max"] < 1e-4
+        assert s["reward/mean"] == c["reward/mean"] and s["response/tokens"] == c["response/tokens"]
+    a, b = (load_file(tmp_path / name / "final" / "model.safetensors") for name in ("served", "colocated"))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+
+
+@pytest.mark.slow
+def test_a_server_that_fails_to_start_shows_its_log(vllm_plugin_env, tmp_path, tiny_model_dir):
+    port = free_port("127.0.0.1")
+    shown = r"(?s)exited with code 2 .*last lines:.*unrecognized arguments: --no-such-flag"
+    with pytest.raises(ServerError, match=shown):
+        create_engine("vllm_server", str(tiny_model_dir), launch=True, port=port, extra_args=["--no-such-flag"],
+                      log_file=str(tmp_path / "server.log"))
+    assert _server_group(port) is None
+
+
+@pytest.mark.slow
+def test_sigint_stops_the_run_and_its_server(vllm_plugin_env, tmp_path, tiny_model_dir):
+    port = free_port("127.0.0.1")
+    cmd = [sys.executable, "-m", "rlkit.train", f"model.path={tiny_model_dir}", f"logging.output_dir={tmp_path}",
+           "logging.run_name=stopped", "trainer.total_steps=1000", "rollout.n=4", "rollout.max_tokens=16",
+           "trainer.prompts_per_step=4", "reward.num_workers=1", "data.limit=64", "logging.progress_bar=false",
+           "trainer.export_final=false", f"rollout.engine.options.port={port}", *COMMON[1:], *SERVER]
+    trainer = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics, pgid = tmp_path / "stopped" / "metrics.jsonl", None
+    deadline = time.monotonic() + 600
+    while not (metrics.exists() and metrics.read_text().strip()):
+        assert trainer.poll() is None and time.monotonic() < deadline, trainer.stderr.read().decode()[-3000:]
+        pgid = pgid or _server_group(port)
+        time.sleep(0.5)
+    assert pgid is not None
+    trainer.send_signal(signal.SIGINT)
+    _, err = trainer.communicate(timeout=180)
+    assert trainer.returncode == 128 + signal.SIGINT
+    assert b"stopped at step" in err, err.decode()[-2000:]
+    assert not _group_alive(pgid)
+    assert json.loads(metrics.read_text().splitlines()[0])["rollout/weight_version"] == 0.0
