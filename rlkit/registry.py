@@ -39,8 +39,8 @@ class Capabilities:
     provides_inputs: the ``estimator_inputs`` a sampler adds to every batch.
     needs_extras / provides_extras: the same for ``RolloutBatch.extras`` (per-sample tensors a policy loss or
         token mask reads, e.g. Critique-GRPO's ``is_refinement``).
-    single_process: keeps state updated from one process's data (CAPO's direction model); validation refuses it
-        in a job of several processes.
+    single_process: keeps state updated from one process's data (a plug-in whose state is not reduced over
+        ranks); validation refuses it in a job of several processes.
     reads_lm_head / reads_optimizer_state: reads the whole output embedding [V,d] (`TokenMaskInputs.lm_head`) or
         the optimizer's per-parameter state; validation refuses either under FSDP2, which shards both over the ranks.
     """

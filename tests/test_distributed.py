@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from rlkit.config import ConfigError, compose, validate
+from rlkit.registry import declare
 
 ROOT = Path(__file__).parent.parent
 LAUNCH_CONFIG = ROOT / "configs" / "accelerate" / "cpu_ddp_2.yaml"
@@ -75,16 +76,20 @@ def _assert_same_training(one: Path, two: Path) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_model_dir):
     out = tmp_path_factory.mktemp("distributed")
-    for name, overrides in (("grpo", []), ("global", GLOBAL_STATS)):
+    for name, overrides in (("grpo", []), ("global", GLOBAL_STATS), ("capo", ["+recipe=capo"])):
         for procs in (1, 2):
             launch(out, tiny_model_dir, f"{name}_{procs}", *overrides, procs=procs)
     return out
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["grpo", "global"])
+@pytest.mark.parametrize("name", ["grpo", "global", "capo"])
 def test_two_processes_train_the_weights_of_one(runs, name):
     _assert_same_training(runs / f"{name}_1", runs / f"{name}_2")
+    if name == "capo":  # the direction model judged every rank's tokens alike and summed them
+        for m1, m2 in zip(_metrics(runs / "capo_1"), _metrics(runs / "capo_2"), strict=True):
+            assert [m2[k] for k in m1 if k.startswith("capo/")] == pytest.approx([m1[k] for k in m1 if k.startswith("capo/")])
+        return
     # actor/lr is the rate each update trained at: linear warmup over 2 steps from 0, then lr 1e-3
     assert [m["actor/lr"] for m in _metrics(runs / f"{name}_1")] == pytest.approx([0.0, 5e-4, 1e-3, 1e-3])
     rounds = [m["batch/sample_rounds"] for m in _metrics(runs / f"{name}_2")]
@@ -162,12 +167,20 @@ def test_every_recipe_runs_two_steps_on_two_processes(tmp_path, tiny_model_dir, 
     assert (tmp_path / recipe / "final" / "model.safetensors").is_file()
 
 
-def test_prompts_must_split_over_the_processes_and_capo_stays_single_process(tiny_model_dir, monkeypatch):
+def test_prompts_must_split_over_the_processes_and_single_process_plugins_are_refused(tiny_model_dir, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(ConfigError, match=r"trainer.prompts_per_step: the step's 8 prompts must split evenly over the "
                                           r"job's 3 processes .* Fix: set trainer.prompts_per_step to a multiple of 3"):
         validate(compose([f"model.path={tiny_model_dir}"]))
     monkeypatch.setenv("WORLD_SIZE", "2")
     validate(compose([f"model.path={tiny_model_dir}"]))
-    with pytest.raises(ConfigError, match=r"algorithm.token_mask: capo keeps state updated from one process's tokens"):
-        validate(compose([f"model.path={tiny_model_dir}", "+recipe=capo"]))
+    validate(compose([f"model.path={tiny_model_dir}", "+recipe=capo"]))  # its direction model sums every rank's tokens
+    with pytest.raises(ConfigError, match=r"algorithm.token_mask: test_distributed:per_rank_mask keeps state updated "
+                                          r"from one process's tokens"):
+        validate(compose([f"model.path={tiny_model_dir}", "algorithm.token_mask=test_distributed:per_rank_mask"]))
+
+
+@declare(single_process=True)
+def per_rank_mask(inputs):
+    """A user token mask whose state would be updated from one rank's tokens (it keeps every token)."""
+    return inputs.mask

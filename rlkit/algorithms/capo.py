@@ -113,7 +113,7 @@ def curvature_keep(m_h: Tensor, m_f: Tensor, tau_h: float, tau_f: float, symmetr
     return hessian_ok & (m_f < tau_f)
 
 
-@TOKEN_MASKS.register("capo", needs_hidden=True, single_process=True, reads_lm_head=True)
+@TOKEN_MASKS.register("capo", needs_hidden=True, reads_lm_head=True)
 class CapoMask:
     """CAPO's token-level curvature mask (docs/algorithms.md, "CAPO").
 
@@ -279,6 +279,10 @@ class CapoMask:
     def step_metrics(self) -> dict[str, float]:
         """Rejected fraction of the step's response tokens: all, A > 0, A < 0 (0 where there are none); the
         fraction whose sampled token was outside the top-k (swapped in)."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:  # every rank's tokens
+            tally = self._tally.to("cuda" if dist.get_backend() == "nccl" else "cpu")
+            dist.all_reduce(tally)
+            self._tally = tally.cpu()
         t = self._tally.tolist()
         self._tally.zero_()
         frac = [t[i] / t[j] if t[j] else 0.0 for i, j in ((0, 1), (2, 3), (4, 5), (6, 1))]
