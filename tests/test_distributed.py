@@ -21,6 +21,10 @@ from rlkit.registry import declare
 
 ROOT = Path(__file__).parent.parent
 LAUNCH_CONFIG = ROOT / "configs" / "accelerate" / "cpu_ddp_2.yaml"
+# The GPU config as a user launches it, on 2 CPU processes: accelerate's FSDP environment (FSDP2, and its default
+# rank-0-only checkpoint loading), gloo, fp32.
+FSDP2_LAUNCH = ["--config_file", str(ROOT / "configs" / "accelerate" / "fsdp2.yaml"), "--num_processes", "2",
+                "--mixed_precision", "no"]
 COMMON = ["rollout.n=4", "rollout.max_tokens=16", "rollout.engine.options.max_model_len=256",
           "trainer.prompts_per_step=4", "trainer.micro_batch_size=8", "reward.num_workers=1", "data.limit=64",
           "logging.progress_bar=false", "reward.verifier=rl_tasks:contains_seven", "trainer.lr=1e-3",
@@ -38,13 +42,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(out: Path, model: Path, name: str, *overrides: str, procs: int, wait: bool = True):
-    """`python -m rlkit.train` in one process, or under `accelerate launch` with the 2-process CPU config."""
+def launch(out: Path, model: Path, name: str, *overrides: str, procs: int, wait: bool = True, fsdp: bool = False):
+    """`python -m rlkit.train` in one process, or under `accelerate launch` with the 2-process CPU config (with
+    `fsdp`: configs/accelerate/fsdp2.yaml on 2 processes)."""
     train = ["-m", "rlkit.train", f"model.path={model}", f"logging.output_dir={out}", f"logging.run_name={name}",
              *COMMON, *overrides]
+    config = FSDP2_LAUNCH if fsdp else ["--config_file", str(LAUNCH_CONFIG)]
     cmd = [sys.executable, *train] if procs == 1 else [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(LAUNCH_CONFIG),
-        "--main_process_port", str(_free_port()), *train]
+        sys.executable, "-m", "accelerate.commands.launch", *config, "--main_process_port", str(_free_port()), *train]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(ROOT)]),
            "VLLM_CPU_OMP_THREADS_BIND": "0-1"}
     process = subprocess.Popen(cmd, env=env, cwd=out, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -79,6 +84,7 @@ def runs(tmp_path_factory, tiny_model_dir):
     for name, overrides in (("grpo", []), ("global", GLOBAL_STATS), ("capo", ["+recipe=capo"])):
         for procs in (1, 2):
             launch(out, tiny_model_dir, f"{name}_{procs}", *overrides, procs=procs)
+    launch(out, tiny_model_dir, "grpo_fsdp2", procs=2, fsdp=True)
     return out
 
 
@@ -95,6 +101,14 @@ def test_two_processes_train_the_weights_of_one(runs, name):
     rounds = [m["batch/sample_rounds"] for m in _metrics(runs / f"{name}_2")]
     if name == "global":
         assert max(rounds) > 1  # resampling happened, and ended at the same round on both ranks
+
+
+@pytest.mark.slow
+def test_a_whole_fsdp2_run_trains_the_weights_of_one_process(runs):
+    """accelerate launch with fsdp2.yaml: sharded Learner, a colocated engine per rank fed by weights() gathered
+    one tensor at a time, rank 0's checkpoint and export."""
+    _assert_same_training(runs / "grpo_1", runs / "grpo_fsdp2")
+    assert all(m["rollout/logprob_gap_max"] < 1e-4 for m in _metrics(runs / "grpo_fsdp2"))  # every push was taken
 
 
 @pytest.mark.slow

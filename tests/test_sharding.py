@@ -20,7 +20,9 @@ from rlkit.trainer.setup import make_accelerator
 from sharded_worker import learner_batch, learner_overrides
 
 ROOT = Path(__file__).parent.parent
-FSDP2 = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}  # what `accelerate launch` with fsdp2.yaml sets
+# What `accelerate launch` with fsdp2.yaml sets. Its default FSDP_CPU_RAM_EFFICIENT_LOADING=true makes transformers
+# load the checkpoint on rank 0 only (zeros elsewhere): the shards must come from rank 0's weights.
+FSDP2 = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}
 # Two optimizer steps at lr 1e-3 move the weights by 2.0e-3; sharded and unsharded differ only in the order fp32
 # sums are taken (the gradient's reduce-scatter, the clipping norm over shards): measured max |dw| 7.3e-7 on two
 # ranks, 2e-8 on one. The tolerance is test_distributed.py's.

@@ -104,6 +104,8 @@ class Learner:
         """The policy and its tokenizer as an HF model directory at `out` (None: write nothing). Sharded, every
         rank calls it: the full weights are gathered onto rank 0's CPU, and rank 0 passes `out`."""
         state = full_model_state(self.model) if self.sharded else None
+        if state is not None:  # as the unsharded save does: a tied weight is stored once, under its source's name
+            state = {k: v for k, v in state.items() if k not in self.model.all_tied_weights_keys}
         if out is not None:
             self.model.save_pretrained(out, state_dict=state, safe_serialization=True)
             self.tokenizer.save_pretrained(out)

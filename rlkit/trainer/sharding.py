@@ -39,6 +39,9 @@ def shard(model: torch.nn.Module, device: torch.device) -> LogprobsForward:
     """`fully_shard` each decoder layer of `model` (the classes in its `_no_split_modules`), then a
     `LogprobsForward` over it as the root; parameters become DTensors sharded on dim 0 over every rank.
 
+    Every rank's shards are cut from rank 0's weights, parameters and buffers alike: `accelerate launch` with FSDP
+    sets FSDP_CPU_RAM_EFFICIENT_LOADING=true by default, under which transformers reads the checkpoint on local rank
+    0 only and fills the other ranks' models with zeros.
     Gradients are reduce-scattered as sums over ranks (divide factor 1), the same gradient the data-parallel path
     all-reduces. Each unit reshards after its forward, so between passes every rank holds only its shards.
     One process without a process group gets a world-size-1 gloo group.
@@ -46,6 +49,9 @@ def shard(model: torch.nn.Module, device: torch.device) -> LogprobsForward:
     if not dist.is_initialized():
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     model, mesh = model.to(device), init_device_mesh(device.type, (dist.get_world_size(),))
+    rank0_weights = dict(model.state_dict()) if dist.get_rank() == 0 else {}  # the full tensors, before sharding
+    for buffer in model.buffers():  # not sharded, and the non-persistent ones (rotary frequencies) are in no state dict
+        dist.broadcast(buffer, src=0)
     names = set(getattr(model, "_no_split_modules", None) or ())
     layers = [m for m in model.modules() if type(m).__name__ in names]
     if not layers:
@@ -55,6 +61,8 @@ def shard(model: torch.nn.Module, device: torch.device) -> LogprobsForward:
     for unit in units:  # a plain SUM (gloo has no pre-multiplied sum)
         unit.set_gradient_divide_factor(1.0)
         unit.set_force_sum_reduction_for_comms(True)
+    set_model_state_dict(model, rank0_weights,
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False))
     return units[-1]
 
 
