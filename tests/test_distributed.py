@@ -50,8 +50,8 @@ def launch(out: Path, model: Path, name: str, *overrides: str, procs: int, wait:
     config = FSDP2_LAUNCH if fsdp else ["--config_file", str(LAUNCH_CONFIG)]
     cmd = [sys.executable, *train] if procs == 1 else [
         sys.executable, "-m", "accelerate.commands.launch", *config, "--main_process_port", str(_free_port()), *train]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(ROOT)]),
-           "VLLM_CPU_OMP_THREADS_BIND": "0-1"}
+    paths = [str(Path(__file__).parent), str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "VLLM_CPU_OMP_THREADS_BIND": "0-1"}
     process = subprocess.Popen(cmd, env=env, cwd=out, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if not wait:
         return process

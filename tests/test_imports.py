@@ -21,7 +21,7 @@ ALLOWED = {
     "rlkit.preflight": {"rlkit.errors"},
     "rlkit.algorithms": {"rlkit.registry"},
     "rlkit.reward": {"rlkit.registry", "rlkit.errors", "rlkit.option_types"},
-    "rlkit.rollout": {"rlkit.registry"},
+    "rlkit.rollout": {"rlkit.registry", "rlkit.ranks"},
     "rlkit.data": {"rlkit.reward"},
     "rlkit.launch": set(),
     "rlkit.ranks": {"rlkit.batch"},

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from rlkit.rollout import create_engine
 from rlkit.rollout.server_http import ServerError
 from rlkit.rollout.server_launch import free_port
+from test_distributed import _assert_same_training, _metrics, launch
 from test_trainer_e2e import run
 
 COMMON = ["trainer.total_steps=3", "trainer.lr=1e-3", "reward.verifier=rl_tasks:contains_seven"]
@@ -50,6 +51,20 @@ def test_the_same_run_on_a_launched_server_as_colocated(vllm_plugin_env, tmp_pat
         assert s["reward/mean"] == c["reward/mean"] and s["response/tokens"] == c["response/tokens"]
     a, b = (load_file(tmp_path / name / "final" / "model.safetensors") for name in ("served", "colocated"))
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+
+
+@pytest.mark.slow
+def test_two_trainer_ranks_on_one_launched_server_train_what_one_colocated_process_trains(vllm_plugin_env, tmp_path,
+                                                                                         tiny_model_dir):
+    """Rank 0 launches the server and pushes; both ranks send their prompts and check every push's version."""
+    launch(tmp_path, tiny_model_dir, "colocated", procs=1)
+    launch(tmp_path, tiny_model_dir, "served_2", *SERVER, procs=2)
+    _assert_same_training(tmp_path / "colocated", tmp_path / "served_2")
+    assert [m["rollout/weight_version"] for m in _metrics(tmp_path / "served_2")] == [0.0, 1.0, 2.0, 3.0]
+    log = (tmp_path / "served_2" / "vllm_server.log").read_text()
+    assert log.count("Application startup complete") == 1
+    port = log.split("--port ", 1)[1].split()[0]  # the command line heads the log
+    assert _server_group(int(port)) is None  # stopped with the run
 
 
 @pytest.mark.slow

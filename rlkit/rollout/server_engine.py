@@ -5,6 +5,9 @@ seed, logprobs of the sampled tokens); the step's prompts are spread over the se
 Weights go through vLLM's RL routes (`VLLM_SERVER_DEV_MODE=1`): pause, start, update, finish with a weight
 version, resume, on every server; the version each server reports (`/weight_info`) is checked after every
 push and around every generation, so a server that missed a push (or restarted) stops the run.
+
+Over several trainer ranks every rank sends its own prompts; rank 0 alone launches a server, pushes the weights
+and stops it, and tells the other ranks the servers' address, the run's version prefix and how each push went.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from typing import Iterable
 
 import torch
 
+from rlkit.ranks import Ranks
 from rlkit.rollout.base import Completion, SamplingConfig
 from rlkit.rollout.server_http import ServerClient, ServerError
 from rlkit.rollout.server_launch import ServerProcess, free_port, serve_command
@@ -30,6 +34,7 @@ class VLLMServerEngine:
     launch: start one server as a child process instead (`urls` must be empty), logging to `log_file`.
     timeout_s: deadline of every request, retries included; start_timeout_s: of a launched server's start.
     shm_dir: where the weights are written for the servers to read (same machine).
+    Under several ranks (an initialised process group) every rank builds the engine at the same time.
     """
 
     def __init__(
@@ -56,28 +61,39 @@ class VLLMServerEngine:
             raise ValueError("vllm_server: give either urls=[...] (running servers) or launch=true, not "
                              f"{'both' if launch else 'neither'}. Fix: rollout.engine.options.urls=[http://HOST:PORT] "
                              "or rollout.engine.options.launch=true")
+        self.ranks = Ranks.current()
         self.process: ServerProcess | None = None
-        if launch:
-            port = port or free_port(host)
-            cmd = serve_command(model_path, host=host, port=port, dtype=dtype, max_model_len=max_model_len,
-                                seed=seed, backend=BACKEND_NAME, cuda=torch.cuda.is_available(),
-                                gpu_memory_utilization=gpu_memory_utilization, extra_args=extra_args or [])
-            self.process = ServerProcess(cmd, log_file)
-            urls = [f"http://{host}:{port}"]
-        self.clients = [ServerClient(u, timeout_s=timeout_s, connections=max_concurrency) for u in urls]
+        self.clients: list[ServerClient] = []
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="rlkit-vllm-server")
-        self._writer = SharedMemoryWriter(shm_dir)
-        self._run = uuid.uuid4().hex[:12]  # versions this engine pushes read "<run>:<n>"
+        self._writer = SharedMemoryWriter(shm_dir) if self.ranks.is_main else None
         self._pushes = 0
         self._sampled_with = 0  # pushes the servers held when the last generation ran
-        try:
-            if self.process is not None:
-                self.process.wait_healthy(urls[0], start_timeout_s)
-            for client in self.clients:
-                self._init_transfer(client)
+        failure = None
+        try:  # a failure on rank 0 is told to every rank (below); an interrupt stops a launched server on the way out
+            if self.ranks.is_main:
+                if launch:
+                    port = port or free_port(host)
+                    cmd = serve_command(model_path, host=host, port=port, dtype=dtype, max_model_len=max_model_len,
+                                        seed=seed, backend=BACKEND_NAME, cuda=torch.cuda.is_available(),
+                                        gpu_memory_utilization=gpu_memory_utilization, extra_args=extra_args or [])
+                    self.process = ServerProcess(cmd, log_file)
+                    urls = [f"http://{host}:{port}"]
+                    self.process.wait_healthy(urls[0], start_timeout_s)
+                self.clients = [ServerClient(u, timeout_s=timeout_s, connections=max_concurrency) for u in urls]
+                for client in self.clients:
+                    self._init_transfer(client)
+        except Exception as err:
+            failure = err
         except BaseException:
             self.close()
             raise
+        # the servers, and the version prefix "<run>" of every push ("<run>:<n>"), as rank 0 has them
+        urls, self._run, refusal = self.ranks.broadcast((urls, uuid.uuid4().hex[:12], failure and str(failure)))
+        if failure is not None or refusal is not None:
+            self.close()
+            raise failure or ServerError(f"rank 0 could not set up the vLLM servers: {refusal}")
+        if not self.ranks.is_main:
+            self.clients = [ServerClient(u, timeout_s=timeout_s, connections=max_concurrency) for u in urls]
 
     @property
     def expected_version(self) -> str:
@@ -123,9 +139,28 @@ class VLLMServerEngine:
     # ------------------------------------------------------------------ weights
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Write the weights once to shared memory, then on every server: pause (waiting for requests in
-        flight), start, update, finish with version `<run>:<n>`, resume; the version each reports is checked."""
-        update_info = self._writer.write(named_tensors)
+        flight), start, update, finish with version `<run>:<n>`, resume; the version each reports is checked.
+
+        Several ranks: every rank calls it (a sharded Learner gathers the weights as they are read); rank 0 writes
+        and pushes, and every rank checks the servers' version once rank 0 says the push is done."""
         self._pushes += 1
+        failure = None
+        if self.ranks.is_main:
+            try:
+                self._push(self._writer.write(named_tensors))
+            except Exception as err:
+                failure = err
+        else:
+            for _ in named_tensors:  # each tensor read is a collective under FSDP2
+                pass
+        refusal = self.ranks.broadcast(failure and str(failure))
+        if failure is not None:
+            raise failure
+        if refusal is not None:
+            raise ServerError(f"rank 0's weight push to the vLLM servers failed: {refusal}")
+        self.check_versions()
+
+    def _push(self, update_info: dict) -> None:
         for client in self.clients:
             client.post("/pause", params={"mode": "wait"})
             try:
@@ -134,7 +169,6 @@ class VLLMServerEngine:
                 client.post("/finish_weight_update", json={"weight_version": self.expected_version}, retry=False)
             finally:
                 client.post("/resume")
-        self.check_versions()
 
     def versions(self) -> dict[str, str]:
         """{url: the weight version the server reports}."""
@@ -174,6 +208,7 @@ class VLLMServerEngine:
         self._pool.shutdown(wait=False, cancel_futures=True)
         for client in self.clients:
             client.close()
-        self._writer.close()
+        if self._writer is not None:
+            self._writer.close()
         if self.process is not None:
             self.process.stop()
