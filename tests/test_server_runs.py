@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 from rlkit.rollout import create_engine
 from rlkit.rollout.server_http import ServerError
-from rlkit.rollout.server_launch import free_port
+from rlkit.rollout.server_launch import ServerProcess, free_port, serve_command
+from rlkit.rollout.shm_transfer import BACKEND_NAME
 from test_distributed import _assert_same_training, _metrics, launch
 from test_trainer_e2e import run
 
@@ -45,7 +46,7 @@ def test_the_same_run_on_a_launched_server_as_colocated(vllm_plugin_env, tmp_pat
     served = run(tmp_path, tiny_model_dir, "served", *COMMON, *SERVER)
     colocated = run(tmp_path, tiny_model_dir, "colocated", *COMMON)
     assert "Application startup complete" in (tmp_path / "served" / "vllm_server.log").read_text()
-    assert [m["rollout/weight_version"] for m in served] == [0.0, 1.0, 2.0]
+    assert [m["rollout/weight_version"] for m in served] == [1.0, 2.0, 3.0]  # the initial weights pushed at start
     for s, c in zip(served, colocated):
         assert s["rollout/logprob_gap_max"] < 1e-4
         assert s["reward/mean"] == c["reward/mean"] and s["response/tokens"] == c["response/tokens"]
@@ -60,7 +61,7 @@ def test_two_trainer_ranks_on_one_launched_server_train_what_one_colocated_proce
     launch(tmp_path, tiny_model_dir, "colocated", procs=1)
     launch(tmp_path, tiny_model_dir, "served_2", *SERVER, procs=2)
     _assert_same_training(tmp_path / "colocated", tmp_path / "served_2")
-    assert [m["rollout/weight_version"] for m in _metrics(tmp_path / "served_2")] == [0.0, 1.0, 2.0, 3.0]
+    assert [m["rollout/weight_version"] for m in _metrics(tmp_path / "served_2")] == [1.0, 2.0, 3.0, 4.0]
     log = (tmp_path / "served_2" / "vllm_server.log").read_text()
     assert log.count("Application startup complete") == 1
     port = log.split("--port ", 1)[1].split()[0]  # the command line heads the log
@@ -97,4 +98,35 @@ def test_sigint_stops_the_run_and_its_server(vllm_plugin_env, tmp_path, tiny_mod
     assert trainer.returncode == 128 + signal.SIGINT
     assert b"stopped at step" in err, err.decode()[-2000:]
     assert not _group_alive(pgid)
-    assert json.loads(metrics.read_text().splitlines()[0])["rollout/weight_version"] == 0.0
+    assert json.loads(metrics.read_text().splitlines()[0])["rollout/weight_version"] == 1.0
+
+
+@pytest.fixture(scope="module")
+def running_server(vllm_plugin_env, tiny_model_dir, tmp_path_factory):
+    """The url of one server that the runs below share one after another, as a user's running server is."""
+    port = free_port("127.0.0.1")
+    server = ServerProcess(serve_command(str(tiny_model_dir), host="127.0.0.1", port=port, dtype="float32",
+                                         max_model_len=1024, seed=0, backend=BACKEND_NAME, cuda=False,
+                                         gpu_memory_utilization=0.4, extra_args=[]),
+                           str(tmp_path_factory.mktemp("server") / "server.log"))
+    url = f"http://127.0.0.1:{port}"
+    server.wait_healthy(url, 600)
+    yield url
+    server.stop()
+
+
+# Every recipe's sampler on the server: FR3E's prefixed continuations (smaller: 2 base responses, one branch point),
+# Critique-GRPO's critiques and refinements (longer prompts), CAPO's top-k sampling.
+RECIPES = {"grpo": [], "dr_grpo": [], "dapo": [], "opo": [], "grpo_lambda": [], "capo": [], "critique_grpo": [],
+           "fr3e": ["algorithm.sampler.options.base_n=2", "algorithm.sampler.options.k=1", "algorithm.max_sample_rounds=1"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_every_recipe_runs_on_a_running_server(running_server, tmp_path, tiny_model_dir, recipe):
+    metrics = run(tmp_path, tiny_model_dir, recipe, f"+recipe={recipe}", "trainer.total_steps=2", "trainer.lr=1e-3",
+                  "reward.verifier=rl_tasks:contains_seven", "rollout=vllm_server",
+                  f"rollout.engine.options.urls=[{running_server}]", *RECIPES[recipe])
+    assert [m["rollout/weight_version"] for m in metrics] == [1.0, 2.0]  # the server held the last run's weights
+    for m in metrics:  # CAPO samples from the top 50: the engine's logprobs are renormalised over them, the trainer's not
+        assert (recipe == "capo" or m["rollout/logprob_gap_max"] < 1e-4) and m["batch/samples_trained"] > 0

@@ -27,7 +27,8 @@ INITIAL_VERSION = "default"  # what a fresh server reports before any push (vLLM
 
 
 class VLLMServerEngine:
-    """Rollout engine over one or more vLLM servers.
+    """Rollout engine over one or more vLLM servers. A training run pushes its initial weights at start
+    (`push_at_start`): a running server may hold another run's.
 
     urls: running servers (`http://host:port`), each started with `VLLM_SERVER_DEV_MODE=1`,
         `--logprobs-mode processed_logprobs` and `--weight-transfer-config '{"backend": "rlkit_shm"}'`.
@@ -94,6 +95,8 @@ class VLLMServerEngine:
             raise failure or ServerError(f"rank 0 could not set up the vLLM servers: {refusal}")
         if not self.ranks.is_main:
             self.clients = [ServerClient(u, timeout_s=timeout_s, connections=max_concurrency) for u in urls]
+
+    push_at_start = True
 
     @property
     def expected_version(self) -> str:

@@ -60,7 +60,8 @@ class Trainer:
         self.evaluator = Evaluator(cfg, self.tokenizer, self.engine, self.scorer) if evaluates else None
         self.step, self.next_group_id, self.generated_tokens = 0, 0, 0
         self.stopped_by: int | None = None  # the signal that ended fit() early, if any
-        self._resume()
+        if not self._resume() and getattr(self.engine, "push_at_start", False):
+            self._push_weights()  # a running server may hold another run's weights
         self.metrics = None
         if self.ranks.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -215,14 +216,15 @@ class Trainer:
     def _push_weights(self) -> None:
         self.engine.update_weights(self.learner.weights())
 
-    def _resume(self) -> None:
+    def _resume(self) -> bool:
+        """Continue from trainer.resume's checkpoint, if there is one (its weights pushed); whether it did."""
         resume = self.cfg.trainer.resume
         if resume is None:
-            return
+            return False
         found = list_checkpoints(self.run_dir / "checkpoints")
         path = (found[-1] if found else None) if resume == "auto" else Path(resume)
         if path is None:
-            return
+            return False
         state, plugin_state = load_checkpoint(path, learner=self.learner, ranks=self.ranks)
         self.step, self.next_group_id = state["step"], state["next_group_id"]
         self.generated_tokens = state["generated_tokens"]
@@ -232,6 +234,7 @@ class Trainer:
                 plugin.load_state_dict(plugin_state[key])
         self._push_weights()
         log.info("resumed from %s at step %d", path, self.step)
+        return True
 
     def save(self) -> Path:
         state = {"next_group_id": self.next_group_id, "generated_tokens": self.generated_tokens,
