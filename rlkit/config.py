@@ -136,7 +136,7 @@ def _check_known_keys(cfg: DictConfig) -> None:
 
 def plug_points() -> dict[str, Registry]:
     """Config key -> registry of every algorithm plug point (the engine and verifier are checked beside them)."""
-    from rlkit.algorithms import ADVANTAGES, SHAPERS
+    from rlkit.algorithms import ADVANTAGES, ROLLOUT_CORRECTIONS, SHAPERS
     from rlkit.algorithms.plugins import POLICY_LOSSES, TOKEN_MASKS
     from rlkit.sampling import GROUP_FILTERS, SAMPLERS
 
@@ -147,6 +147,7 @@ def plug_points() -> dict[str, Registry]:
         "algorithm.advantage": ADVANTAGES,
         "algorithm.token_mask": TOKEN_MASKS,
         "algorithm.policy_loss": POLICY_LOSSES,
+        "algorithm.rollout_correction": ROLLOUT_CORRECTIONS,
     }
 
 
@@ -191,6 +192,7 @@ def validate(cfg: DictConfig) -> None:
     """Refuse configs that cannot train correctly, before anything heavy starts."""
     from rlkit.algorithms import AGGREGATIONS
     from rlkit.algorithms.losses import entropy_agg_problem
+    from rlkit.algorithms.rollout_correction import rollout_correction_problem
     from rlkit.preflight import check_machine
     from rlkit.rollout import ENGINES, engine_target
     from rlkit.reward.verifier_options import check_options
@@ -198,7 +200,7 @@ def validate(cfg: DictConfig) -> None:
 
     _check_known_keys(cfg)
     a, r, t = cfg.algorithm, cfg.rollout, cfg.trainer
-    group_users, on_policy_users = [], []
+    group_users, on_policy_users, recompute_users = [], [], []
     for key, registry in plug_points().items():
         spec = spec_at(cfg, key)
         _check_plugin(key, registry, spec)
@@ -207,6 +209,8 @@ def validate(cfg: DictConfig) -> None:
             group_users.append(f"{key}={spec.name}")
         if caps.needs_on_policy:
             on_policy_users.append(f"{key}={spec.name}")
+        if caps.needs_recompute:
+            recompute_users.append(f"{key}={spec.name}")
     check_ranges(cfg, default_config())  # every number in its range (rlkit.ranges)
     if on_policy_users and not a.allow_off_policy:
         _check_exact_on_policy(cfg, ", ".join(on_policy_users))
@@ -241,6 +245,13 @@ def validate(cfg: DictConfig) -> None:
              "set trainer.shared_prompt_forward=false or model.gradient_checkpointing=false")
     require(t.old_logprobs in ("behavior", "recompute"), "trainer.old_logprobs",
              f"unknown value {t.old_logprobs!r}", "use behavior or recompute")
+    require(t.old_logprobs == "recompute" or not recompute_users, "trainer.old_logprobs",
+             f"{', '.join(recompute_users)} compares the trainer's recomputed old logprobs with the engine's, but "
+             f"old_logprobs={t.old_logprobs} takes the engine's as old (every ratio would be 1)",
+             "set trainer.old_logprobs=recompute (or algorithm.rollout_correction=none)")
+    correction = spec_at(cfg, "algorithm.rollout_correction")
+    if problem := rollout_correction_problem(correction.name, correction.options):
+        raise ConfigError(problem)
     require(t.resume in (None, "auto") or Path(str(t.resume)).is_dir(), "trainer.resume",
              f"{t.resume} is not a directory", "use null, auto, or a path to runs/<name>/checkpoints/step_N")
     require(cfg.data.source == "arithmetic" or not cfg.data.options, "data.options",

@@ -43,6 +43,8 @@ class Capabilities:
         ranks); validation refuses it in a job of several processes.
     reads_lm_head / reads_optimizer_state: reads the whole output embedding [V,d] (`TokenMaskInputs.lm_head`) or
         the optimizer's per-parameter state; validation refuses either under FSDP2, which shards both over the ranks.
+    needs_recompute: compares the trainer's recomputed old logprobs with the engine's behaviour logprobs (a rollout
+        correction); validation refuses it unless ``trainer.old_logprobs=recompute``.
     """
 
     needs_groups: bool = False
@@ -56,6 +58,7 @@ class Capabilities:
     single_process: bool = False
     reads_lm_head: bool = False
     reads_optimizer_state: bool = False
+    needs_recompute: bool = False
 
 
 def declare(**capabilities) -> Callable[[T], T]:

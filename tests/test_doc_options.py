@@ -3,7 +3,7 @@
 import re
 from pathlib import Path
 
-from rlkit.algorithms import ADVANTAGES, SHAPERS
+from rlkit.algorithms import ADVANTAGES, ROLLOUT_CORRECTIONS, SHAPERS
 from rlkit.algorithms.plugins import POLICY_LOSSES, TOKEN_MASKS
 from rlkit.reward.verifiers import VERIFIERS
 from rlkit.sampling import GROUP_FILTERS, SAMPLERS
@@ -11,7 +11,7 @@ from rlkit.sampling import GROUP_FILTERS, SAMPLERS
 DOCS = Path(__file__).parent.parent / "docs"
 REGISTRIES = {"algorithm.advantage": ADVANTAGES, "algorithm.reward_shaper": SHAPERS, "algorithm.group_filter": GROUP_FILTERS,
               "algorithm.policy_loss": POLICY_LOSSES, "algorithm.token_mask": TOKEN_MASKS, "algorithm.sampler": SAMPLERS,
-              "reward.verifier": VERIFIERS}
+              "algorithm.rollout_correction": ROLLOUT_CORRECTIONS, "reward.verifier": VERIFIERS}
 OPTION_TABLE = "| option | default | meaning |"
 
 
@@ -61,7 +61,8 @@ def test_option_tables_list_only_accepted_options():
             seen.update(plugins)
             refused = {o for o in options if all(o in _refused(k, n, [o]) for k, n in plugins)}
             assert not refused, (doc, heading, sorted(refused))
-    assert {("algorithm.token_mask", "capo"), ("reward.verifier", "math")} <= seen
+    assert {("algorithm.token_mask", "capo"), ("reward.verifier", "math"), ("algorithm.rollout_correction", "tis"),
+            ("algorithm.rollout_correction", "seq_mask")} <= seen
 
 
 def test_a_stale_option_is_caught():

@@ -1,4 +1,5 @@
-"""Pure tensor-in / tensor-out algorithm functions: advantage estimators, reward shapers, losses, group statistics.
+"""Pure tensor-in / tensor-out algorithm functions: advantage estimators, reward shapers, losses, rollout
+corrections, group statistics.
 
 Imports only torch and rlkit.registry. Every plug-in is reached by name through its registry
 (docs/architecture.md); user functions plug in by import path, "package.module:function".
@@ -12,6 +13,7 @@ from rlkit.algorithms import capo as _capo  # noqa: F401  registers TOKEN_MASKS[
 from rlkit.algorithms import critique as _critique  # noqa: F401  registers POLICY_LOSSES["critique"]
 from rlkit.algorithms import fr3e as _fr3e  # noqa: F401  registers ADVANTAGES["fr3e"]
 from rlkit.algorithms.groups import zero_variance_groups
+from rlkit.algorithms.rollout_correction import ROLLOUT_CORRECTIONS
 from rlkit.algorithms.losses import AGGREGATIONS, aggregate, combine_loss, k3_kl, loss_normalizer, policy_loss, ppo_clip_surrogate
 from rlkit.algorithms.shaping import SHAPERS
 from rlkit.registry import PluginSpec
@@ -36,6 +38,7 @@ def shape_rewards(name: str, rewards: Tensor, correct: Tensor, lengths: Tensor, 
 __all__ = [
     "ADVANTAGES",
     "AGGREGATIONS",
+    "ROLLOUT_CORRECTIONS",
     "SHAPERS",
     "aggregate",
     "combine_loss",

@@ -133,28 +133,31 @@ class Learner:
                 for _ in range(t.ppo_epochs)]
         old_logprobs = self._old_logprobs(batch, torch.cat([rows for epoch in plan for rows, _ in epoch]).unique())
         stats = UpdateStats()
+        mine = torch.cat([rows[live.bool()] for rows, live in plan[0]])  # epoch 0's shares partition the batch
+        weight, kept = self._rollout_correction(batch, old_logprobs, mine, stats)
         for epoch, minis in enumerate(plan):
             for mini_index, (rows, live) in enumerate(minis):
                 counts, losses = [], []
-                entropy_scale = self._entropy_normalizer(batch.response_mask[rows[live.bool()]])
+                mini_rows = rows[live.bool()]
+                entropy_scale = self._entropy_normalizer(batch.response_mask[mini_rows],
+                                                         None if kept is None else kept[mini_rows])
                 for micro, micro_live in zip(rows.split(t.micro_batch_size), live.split(t.micro_batch_size)):
                     part = batch.select(micro)
                     part.response_mask = part.response_mask * micro_live[:, None]  # padding rows carry no loss
-                    logprobs, loss, mask, m = self._micro_loss(part, old_logprobs[micro], entropy_scale)
+                    correction = None if kept is None else (weight[micro], kept[micro])
+                    logprobs, loss, mask, m = self._micro_loss(part, old_logprobs[micro], entropy_scale, correction)
                     self.accelerator.backward(loss)
-                    counts.append(self._normalizer(mask, part.response_mask))
+                    rows_mask = part.response_mask if kept is None else part.response_mask * kept[micro]
+                    counts.append(self._normalizer(mask, rows_mask))
                     losses.append(m.pop("pg_loss"))
                     if epoch == 0 and mini_index == 0:  # weights not yet updated: engine vs trainer mismatch
-                        in_context = part.response_mask if part.off_context is None else \
-                            part.response_mask * (~part.off_context)[:, None].to(part.response_mask.dtype)
-                        stats.add_gap(logprobs.detach(), part.behavior_logprobs, in_context)
+                        stats.add_gap(logprobs.detach(), part.behavior_logprobs, self._in_context(part))
                     stats.add(m)
                 normalizer = self._global_normalizer(counts)
                 stats.add_loss(sum(losses) / normalizer if normalizer > 0 else 0.0)
                 self._optimizer_step(normalizer, stats)
         result = stats.merged(self.ranks).result(batch)
         if t.log_policy_shift:
-            mine = torch.cat([rows[live.bool()] for rows, live in plan[0]])  # epoch 0's shares partition the batch
             result["actor/policy_shift_k3"] = self._policy_shift(batch.select(mine), old_logprobs[mine])
         self.version += 1
         return result
@@ -182,9 +185,36 @@ class Learner:
         total = self.ranks.sum(float((k3_kl(old_logprobs.float(), new, mask) * mask).sum()))
         return total / max(self.ranks.sum(float(mask.sum())), 1.0)
 
-    def _micro_loss(self, part: RolloutBatch, old_logprobs: torch.Tensor, entropy_scale: float | None = None):
+    @staticmethod
+    def _in_context(batch: RolloutBatch) -> torch.Tensor:
+        """The response mask [B,T] without off-context rows (sampled under another context, so their behaviour
+        logprobs are not the trained context's: Critique-GRPO's refinements)."""
+        if batch.off_context is None:
+            return batch.response_mask
+        return batch.response_mask * (~batch.off_context)[:, None].to(batch.response_mask.dtype)
+
+    def _rollout_correction(self, batch: RolloutBatch, old_logprobs: torch.Tensor, mine: torch.Tensor,
+                            stats: UpdateStats) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(weight [B,T], keep [B,T]) of the `algorithm.rollout_correction` plug-in, or (None, None) when it makes
+        none. Known before any forward (old and behaviour logprobs), so the rows it drops leave every normaliser.
+        Off-context tokens weigh 1 and are kept. Its statistics over this rank's rows `mine` go into `stats`."""
+        plugin = self.plugins.get("algorithm.rollout_correction")
+        in_context = self._in_context(batch)
+        correction = None if plugin is None else plugin(old_logprobs, batch.behavior_logprobs, in_context)
+        if correction is None:
+            return None, None
+        inside = in_context.bool()
+        weight = torch.where(inside, correction.weight.detach().to(torch.float32), 1.0)
+        keep = torch.where(inside, correction.keep.to(torch.float32), 1.0)
+        stats.add_correction(weight[mine], keep[mine], in_context[mine])
+        return weight, keep
+
+    def _micro_loss(self, part: RolloutBatch, old_logprobs: torch.Tensor, entropy_scale: float | None = None,
+                    correction: tuple[torch.Tensor, torch.Tensor] | None = None):
         """Forward one micro-batch -> (logprobs [b,T], un-normalised loss, final loss mask [b,T], metrics).
-        entropy_scale: `_entropy_normalizer` of the mini-batch (None: entropy aggregated like the policy term)."""
+        entropy_scale: `_entropy_normalizer` of the mini-batch (None: entropy aggregated like the policy term).
+        correction: the rollout correction's (weight [b,T], keep [b,T]) of these rows: weights multiply the per-token
+        policy term, kept tokens multiply into the loss mask (None: no correction)."""
         device = self.accelerator.device
         token_mask = self.plugins["algorithm.token_mask"]
         out = self._logprobs(self.forward, part, grad=True, hidden=token_mask.capabilities.needs_hidden)
@@ -194,9 +224,13 @@ class Learner:
             lm_head=self.model.get_output_embeddings().weight,
             optimizer=self.optimizer, lr=self.lr, temperature=self.cfg.rollout.temperature))
         mask = response_mask * keep.to(response_mask.dtype)
+        if correction is not None:
+            mask = mask * correction[1].to(device, response_mask.dtype)
         per_token, m = self.plugins["algorithm.policy_loss"](
             out.logprobs, old_logprobs.to(device), advantages, mask,
             extras={k: v.to(device) for k, v in part.extras.items()})
+        if correction is not None:
+            per_token = per_token * correction[0].to(device, per_token.dtype)
         kl = None
         if self.reference is not None:
             kl = k3_kl(out.logprobs, self._logprobs(self.reference, part).logprobs, mask)
@@ -220,17 +254,19 @@ class Learner:
             return counts[0]
         return self.ranks.sum(sum(counts))
 
-    def _entropy_normalizer(self, response_mask: torch.Tensor) -> float | None:
+    def _entropy_normalizer(self, response_mask: torch.Tensor, kept: torch.Tensor | None = None) -> float | None:
         """N_entropy / N_policy of a mini-batch (this rank's live rows' response_mask [b,T], summed over ranks)
         when algorithm.loss.entropy_agg differs from agg, else None. Both come from the response mask before any
-        forward: the entropy term covers every response token, and validation refuses token-mean with a token
-        mask, the one N a token mask changes."""
+        forward: the entropy term covers every response token, N_policy only the tokens the rollout correction
+        keeps (`kept` [b,T], None: all), and validation refuses token-mean with a token mask, the one N a token
+        mask changes."""
         a = self.cfg.algorithm.loss
         if a.get("entropy_agg") in (None, a.agg):
             return None
         scale = a.loss_scale_factor or self.cfg.rollout.max_tokens
-        policy, entropy = (self._global_normalizer([loss_normalizer(response_mask, agg, scale)], agg)
-                           for agg in (a.agg, a.entropy_agg))
+        policy_mask = response_mask if kept is None else response_mask * kept
+        policy = self._global_normalizer([loss_normalizer(policy_mask, a.agg, scale, response_mask=policy_mask)], a.agg)
+        entropy = self._global_normalizer([loss_normalizer(response_mask, a.entropy_agg, scale)], a.entropy_agg)
         return entropy / policy if policy > 0 else 1.0
 
     def _optimizer_step(self, normalizer: float, stats: UpdateStats) -> None:

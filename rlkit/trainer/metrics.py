@@ -138,12 +138,14 @@ def step_metrics(timer: dict[str, float], metrics: dict[str, float], *, lr: floa
 
 
 class UpdateStats:
-    """Accumulates the update's metrics: token-weighted loss terms, losses, grad norms, logprob gap."""
+    """Accumulates the update's metrics: token-weighted loss terms, losses, grad norms, logprob gap, rollout correction."""
 
     def __init__(self):
         self.sums, self.tokens = defaultdict(float), defaultdict(float)
         self.losses, self.grad_norms = [], []
         self.gap_sum = self.gap_max = self.gap_tokens = 0.0
+        self.correction = False  # a rollout correction ran this update
+        self.rc_tokens = self.rc_kept = self.rc_weight_sum = self.rc_weight_max = 0.0
 
     def add(self, metrics: dict[str, torch.Tensor]) -> None:
         """Metrics of one micro-batch: token-means weighted by its kept tokens (`metrics["tokens"]`)."""
@@ -167,6 +169,18 @@ class UpdateStats:
         self.gap_max = max(self.gap_max, diff.max().item())
         self.gap_tokens += mask.sum().item()
 
+    def add_correction(self, weight: torch.Tensor, keep: torch.Tensor, mask: torch.Tensor) -> None:
+        """A rollout correction's weight and keep [b,T] over the response tokens it judged (`mask` [b,T]: in-context
+        response tokens): counted as sums and a maximum, so rows and ranks merge exactly."""
+        mask = mask.to(weight.device, torch.float32)
+        kept = mask * keep.to(torch.float32)
+        self.correction = True
+        self.rc_tokens += mask.sum().item()
+        self.rc_kept += kept.sum().item()
+        self.rc_weight_sum += (weight * kept).sum().item()
+        if kept.any():
+            self.rc_weight_max = max(self.rc_weight_max, weight[kept.bool()].max().item())
+
     def merged(self, ranks: Ranks) -> "UpdateStats":
         """The statistics of every rank's share together (sums added, maxima taken; grad norms are the same
         on every rank once gradients are summed)."""
@@ -180,6 +194,11 @@ class UpdateStats:
             merged.gap_sum += part.gap_sum
             merged.gap_tokens += part.gap_tokens
             merged.gap_max = max(merged.gap_max, part.gap_max)
+            merged.correction = merged.correction or part.correction
+            merged.rc_tokens += part.rc_tokens
+            merged.rc_kept += part.rc_kept
+            merged.rc_weight_sum += part.rc_weight_sum
+            merged.rc_weight_max = max(merged.rc_weight_max, part.rc_weight_max)
         merged.losses = [sum(losses) for losses in zip(*(part.losses for part in parts))]
         merged.grad_norms = list(self.grad_norms)
         return merged
@@ -189,6 +208,10 @@ class UpdateStats:
         metrics["actor/pg_loss"] = sum(self.losses) / len(self.losses)
         metrics["rollout/logprob_gap_mean"] = self.gap_sum / max(self.gap_tokens, 1.0)
         metrics["rollout/logprob_gap_max"] = self.gap_max
+        if self.correction:  # over in-context response tokens; weights over the kept ones
+            metrics["rollout_correction/kept_frac"] = self.rc_kept / self.rc_tokens if self.rc_tokens else 1.0
+            metrics["rollout_correction/weight_mean"] = self.rc_weight_sum / self.rc_kept if self.rc_kept else 1.0
+            metrics["rollout_correction/weight_max"] = self.rc_weight_max if self.rc_kept else 1.0
         if self.grad_norms:
             metrics["actor/grad_norm"] = sum(self.grad_norms) / len(self.grad_norms)
         mask = batch.response_mask
