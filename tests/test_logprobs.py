@@ -147,6 +147,22 @@ def test_shared_prompt_forward_gives_the_same_step(trainer_and_batch, mask_name)
         trainer.plugins["algorithm.token_mask"] = original
 
 
+@pytest.mark.parametrize("shared_prompt", [False, True])
+def test_padding_free_gives_the_same_step(trainer_and_batch, shared_prompt):
+    """trainer.padding_free=true (alone and with the shared prompt): the padded forward's gradient, whatever the
+    micro-batch split."""
+    trainer, batch = trainer_and_batch
+    trainer.cfg.algorithm.loss.agg = "seq-mean-token-mean"
+    try:
+        padded = _gradients(trainer, batch, len(batch))
+        trainer.cfg.trainer.padding_free, trainer.cfg.trainer.shared_prompt_forward = True, shared_prompt
+        for size in (len(batch), 3):
+            for g_padded, g_packed in zip(padded, _gradients(trainer, batch, size)):
+                torch.testing.assert_close(g_packed, g_padded, rtol=0, atol=1e-6)
+    finally:
+        trainer.cfg.trainer.padding_free = trainer.cfg.trainer.shared_prompt_forward = False
+
+
 def test_rejected_tokens_leave_the_token_mean_denominator():
     """8 tokens with loss -1 each, 2 rejected: the token-mean loss is -1.0 (6/6), not -0.75 (6/8)."""
     from rlkit.algorithms import combine_loss, loss_normalizer
