@@ -98,6 +98,17 @@ def test_two_processes_train_the_weights_of_one(runs, name):
 
 
 @pytest.mark.slow
+def test_two_processes_with_token_budget_and_padding_free_train_the_weights_of_one(tmp_path, tiny_model_dir):
+    """trainer.micro_batch_tokens (ranks may need different numbers of micro-batches: each runs the most any rank
+    needs) and trainer.padding_free on two processes, with CAPO's per-micro-batch collectives: the weights of one
+    process with fixed, padded micro-batches."""
+    launch(tmp_path, tiny_model_dir, "plain_1", "+recipe=capo", procs=1)
+    launch(tmp_path, tiny_model_dir, "levers_2", "+recipe=capo", "trainer.micro_batch_tokens=120",
+           "trainer.padding_free=true", procs=2)
+    _assert_same_training(tmp_path / "plain_1", tmp_path / "levers_2")
+
+
+@pytest.mark.slow
 def test_only_rank_0_writes_the_run_directory(runs):
     one, two = runs / "grpo_1", runs / "grpo_2"
     assert sorted(p.relative_to(two).as_posix() for p in two.rglob("*")) == \
