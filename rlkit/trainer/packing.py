@@ -2,10 +2,11 @@
 
 Instead of b right-padded rows [b, max L], the prompt+response tokens of every row run as one row [1, sum L_i] whose
 position ids restart at 0 at each sequence, under a block-diagonal causal mask: a token attends to the earlier
-tokens of its own sequence only. No pad token is computed. transformers' own padding-free path (position ids
-without a mask) needs flash-attention; here the 4D mask is built explicitly, in the convention of the model's
-attention implementation (SDPA: boolean, True = attend; eager: additive, 0 or the dtype's minimum), and
-transformers passes a 4D mask through as is.
+tokens of its own sequence only. No pad token is computed. transformers' padding-free path (position ids without
+a mask) is built for flash-attention (its SDPA/eager detection of packed position ids varies by version); here the
+4D mask is built explicitly, in the convention of the model's attention implementation (SDPA: boolean, True =
+attend; eager: additive, 0 or the dtype's minimum), and transformers (5.x `masking_utils`) passes a 4D mask through
+as is. The mask holds (sum L)^2 booleans: trainer.micro_batch_tokens bounds it.
 
 With the shared prompt (`rlkit.trainer.shared_prompt`) the distinct prompts are packed into one row, and the
 response bodies into a second row on top of the packed prompts' keys and values: each response token attends to
