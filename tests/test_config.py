@@ -66,6 +66,7 @@ def test_every_config_key_is_commented():
         (["+rollout.engine.options.gpu_mem=0.5"], "rollout.engine.options.gpu_mem", "gpu_memory_utilization"),
         (["algorithm.group_filter=zero_variance", "rollout.n=1"], "rollout.n", "algorithm.group_filter=zero_variance"),
         (["rollout.temperature=0"], "rollout.temperature", "1.0"),
+        (["trainer.micro_batch_tokens=0"], "trainer.micro_batch_tokens", "an integer >= 1 or null"),
         (["trainer.resume=/no/such/dir"], "trainer.resume", "step_N"),
         (["+recipe=opo", "algorithm.loss.entropy_coef=0.01"], "algorithm.loss.entropy_coef",
          "entropy_coef=0, or set algorithm.allow_off_policy=true"),

@@ -112,6 +112,16 @@ def test_a_whole_fsdp2_run_trains_the_weights_of_one_process(runs):
 
 
 @pytest.mark.slow
+def test_two_processes_with_token_budget_and_padding_free_train_the_weights_of_one(runs, tiny_model_dir):
+    """trainer.micro_batch_tokens (ranks may need different numbers of micro-batches: each runs the most any rank
+    needs) and trainer.padding_free on two processes, with CAPO's per-micro-batch collectives: the weights of one
+    process with fixed, padded micro-batches."""
+    launch(runs, tiny_model_dir, "capo_levers_2", "+recipe=capo", "trainer.micro_batch_tokens=120",
+           "trainer.padding_free=true", procs=2)
+    _assert_same_training(runs / "capo_1", runs / "capo_levers_2")
+
+
+@pytest.mark.slow
 def test_only_rank_0_writes_the_run_directory(runs):
     one, two = runs / "grpo_1", runs / "grpo_2"
     assert sorted(p.relative_to(two).as_posix() for p in two.rglob("*")) == \

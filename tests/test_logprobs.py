@@ -6,6 +6,7 @@ from transformers import AutoModelForCausalLM
 
 from rlkit.algorithms.plugins import TOKEN_MASKS
 from rlkit.config import compose
+from rlkit.trainer.learner import Learner
 from rlkit.trainer.logprobs import pack_inputs, policy_logprobs
 from rlkit.trainer.trainer import Trainer
 
@@ -145,6 +146,46 @@ def test_shared_prompt_forward_gives_the_same_step(trainer_and_batch, mask_name)
     finally:
         trainer.cfg.trainer.shared_prompt_forward = False
         trainer.plugins["algorithm.token_mask"] = original
+
+
+@pytest.mark.parametrize("shared_prompt", [False, True])
+def test_padding_free_gives_the_same_step(trainer_and_batch, shared_prompt):
+    """trainer.padding_free=true (alone and with the shared prompt): the padded forward's gradient, whatever the
+    micro-batch split."""
+    trainer, batch = trainer_and_batch
+    trainer.cfg.algorithm.loss.agg = "seq-mean-token-mean"
+    try:
+        padded = _gradients(trainer, batch, len(batch))
+        trainer.cfg.trainer.padding_free, trainer.cfg.trainer.shared_prompt_forward = True, shared_prompt
+        for size in (len(batch), 3):
+            for g_padded, g_packed in zip(padded, _gradients(trainer, batch, size)):
+                torch.testing.assert_close(g_packed, g_padded, rtol=0, atol=1e-6)
+    finally:
+        trainer.cfg.trainer.padding_free = trainer.cfg.trainer.shared_prompt_forward = False
+
+
+@pytest.mark.parametrize("rows", [0, 2.5, 6])
+def test_token_budget_gives_the_same_step_within_budget(trainer_and_batch, rows):
+    """trainer.micro_batch_tokens: micro-batches of at most `budget` prompt+response tokens (a longer row alone,
+    budget 1: every row alone), and the gradient of fixed micro-batches."""
+    trainer, batch = trainer_and_batch
+    budget = max(1, int(rows * max(Learner._tokens(batch, torch.arange(len(batch))))))
+    trainer.cfg.algorithm.loss.agg = "seq-mean-token-mean"
+    learner, seen = trainer.learner, []
+    micro_loss = learner._micro_loss
+    learner._micro_loss = lambda part, *a: seen.append(Learner._tokens(part, torch.arange(len(part)))) or micro_loss(part, *a)
+    try:
+        whole = _gradients(trainer, batch, len(batch))
+        seen.clear()
+        trainer.cfg.trainer.micro_batch_tokens = budget
+        for g_whole, g_budget in zip(whole, _gradients(trainer, batch, len(batch))):
+            torch.testing.assert_close(g_budget, g_whole, rtol=0, atol=1e-6)
+    finally:
+        trainer.cfg.trainer.micro_batch_tokens = None
+        del learner._micro_loss
+    assert sum(map(len, seen)) == len(batch) and (budget > 1) == (len(seen) < len(batch))
+    assert all(sum(tokens) <= budget or len(tokens) == 1 for tokens in seen)
+    assert all(sum(tokens + [nxt[0]]) > budget for tokens, nxt in zip(seen, seen[1:]))  # greedy: as full as they go
 
 
 def test_rejected_tokens_leave_the_token_mean_denominator():

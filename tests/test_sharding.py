@@ -41,9 +41,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_workers(out: Path, model: Path, procs: int) -> dict:
+def _run_workers(out: Path, model: Path, procs: int, *overrides: str) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port", str(_free_port()),
-           str(Path(__file__).parent / "sharded_worker.py"), str(model), str(out)]
+           str(Path(__file__).parent / "sharded_worker.py"), str(model), str(out), *overrides]
     env = {**os.environ, **FSDP2, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(ROOT)])}
     done = subprocess.run(cmd, env=env, cwd=out, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -89,6 +89,21 @@ def test_an_update_under_fsdp2_trains_what_one_unsharded_process_trains(sharded,
 def test_fsdp2_checkpoint_state_round_trips(sharded):
     _, result = sharded
     assert result["restored_weights"] and result["restored_moments"] and result["restored_version"] == 1
+
+
+@pytest.mark.slow
+def test_token_budget_and_padding_free_under_fsdp2_train_what_fixed_padded_micro_batches_train(tmp_path, tiny_model_dir):
+    """One mini-batch of the worker's 4 rows (7, 5, 3 and 2 prompt+response tokens), 2 ranks: rank 0 holds 7 and 3,
+    rank 1 holds 5 and 2; a budget of 8 tokens needs 2 micro-batches on rank 0 and 1 on rank 1, so rank 1 splits its
+    one (every gathering forward and reduce-scattering backward must pair up). The weights one unsharded process
+    trains with fixed, padded micro-batches."""
+    cfg = compose([*learner_overrides(tiny_model_dir), "trainer.mini_batches=1"])
+    learner = Learner(cfg, build_plugins(cfg), make_accelerator(cfg))
+    learner.update(learner_batch(learner.pad_id))
+    _run_workers(tmp_path, tiny_model_dir, 2, "trainer.mini_batches=1", "trainer.micro_batch_tokens=8",
+                 "trainer.padding_free=true")
+    for name, tensor in load_file(tmp_path / "after.safetensors").items():
+        torch.testing.assert_close(tensor, dict(learner.weights())[name], rtol=0, atol=ATOL)
 
 
 def test_fsdp2_refuses_plugins_that_read_the_lm_head_or_the_optimizer_state(tiny_model_dir, monkeypatch):

@@ -23,6 +23,7 @@ from rlkit.batch import PolicyOutputs, RolloutBatch
 from rlkit.ranks import Ranks
 from rlkit.registry import Plugin
 from rlkit.trainer.metrics import UpdateStats
+from rlkit.trainer.micro_batches import micro_batch_sizes, split_to
 from rlkit.trainer.setup import load_policy
 from rlkit.trainer.shared_prompt import row_order
 from rlkit.trainer.sharding import (clip_grad_norm, full_model_state, full_optimizer_state, full_weights,
@@ -141,7 +142,8 @@ class Learner:
                 mini_rows = rows[live.bool()]
                 entropy_scale = self._entropy_normalizer(batch.response_mask[mini_rows],
                                                          None if kept is None else kept[mini_rows])
-                for micro, micro_live in zip(rows.split(t.micro_batch_size), live.split(t.micro_batch_size)):
+                sizes = self._micro_batch_sizes(self._tokens(batch, rows), agree=True)
+                for micro, micro_live in zip(rows.split(sizes), live.split(sizes)):
                     part = batch.select(micro)
                     part.response_mask = part.response_mask * micro_live[:, None]  # padding rows carry no loss
                     correction = None if kept is None else (weight[micro], kept[micro])
@@ -176,6 +178,22 @@ class Learner:
         pad = -(-len(mini) // self.world_size) - len(mine)
         live = torch.cat([torch.ones(len(mine)), torch.zeros(pad)])
         return torch.cat([mine, mini[:pad]]), live
+
+    @staticmethod
+    def _tokens(batch: RolloutBatch, rows: torch.Tensor) -> list[int]:
+        """Prompt+response tokens the forward reads of each of `rows` [s]."""
+        return [len(batch.prompt_ids[i]) + int(batch.lengths[i]) for i in rows]
+
+    def _micro_batch_sizes(self, tokens: list[int], *, agree: bool) -> list[int]:
+        """Row counts of the consecutive micro-batches over rows of `tokens` tokens each (trainer.micro_batch_size
+        rows, or trainer.micro_batch_tokens tokens; rlkit.trainer.micro_batches). agree: every rank runs as many
+        micro-batches as the rank that needs the most (one all-reduce; ranks with equal row counts, as in
+        `update`, can always split that far), so forwards, backwards and plug-ins' collectives pair up."""
+        t = self.cfg.trainer
+        sizes = micro_batch_sizes(tokens, rows=t.micro_batch_size, budget=t.micro_batch_tokens)
+        if not agree or t.micro_batch_tokens is None:
+            return sizes
+        return split_to(sizes, int(self.ranks.max(len(sizes))))
 
     def _policy_shift(self, batch: RolloutBatch, old_logprobs: torch.Tensor) -> float:
         """Mean k3 estimate of KL(behaviour || updated policy) over the response tokens of every rank's share
@@ -314,12 +332,14 @@ class Learner:
             return forward(batch.prompt_ids, batch.response_ids, batch.response_mask, lengths=batch.lengths,
                            pad_id=self.pad_id, temperature=self.cfg.rollout.temperature,
                            chunk_tokens=self.cfg.trainer.logprob_chunk_tokens, return_hidden=hidden,
-                           shared_prompt=self.cfg.trainer.shared_prompt_forward)
+                           shared_prompt=self.cfg.trainer.shared_prompt_forward,
+                           padding_free=self.cfg.trainer.padding_free)
 
     def token_stats(self, batch: RolloutBatch) -> PolicyOutputs:
-        """Logprobs and entropies [B,T] of the batch under the current policy, one micro-batch at a time (CPU)."""
-        parts = [self._logprobs(self.forward, batch.select(p))
-                 for p in torch.arange(len(batch)).split(self.cfg.trainer.micro_batch_size)]
+        """Logprobs and entropies [B,T] of the batch under the current policy, one micro-batch at a time (CPU).
+        Sharded, every forward gathers parameters, so the ranks agree on the number of micro-batches."""
+        sizes = self._micro_batch_sizes(self._tokens(batch, torch.arange(len(batch))), agree=self.sharded)
+        parts = [self._logprobs(self.forward, batch.select(p)) for p in torch.arange(len(batch)).split(sizes)]
         return PolicyOutputs(torch.cat([p.logprobs.float().cpu() for p in parts]),
                              torch.cat([p.entropies.float().cpu() for p in parts]))
 

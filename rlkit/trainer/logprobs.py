@@ -10,6 +10,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from rlkit.batch import PolicyOutputs
+from rlkit.trainer.packing import packed_hidden, packed_shared_prompt_hidden
 from rlkit.trainer.shared_prompt import shared_prompt_hidden
 
 
@@ -56,6 +57,7 @@ def policy_logprobs(
     chunk_tokens: int = 1024,
     return_hidden: bool = False,
     shared_prompt: bool = False,
+    padding_free: bool = False,
 ) -> PolicyOutputs:
     """Logprobs [b,T] of `response_ids` given `prompt_ids` under `model`, at the sampling temperature.
 
@@ -65,11 +67,16 @@ def policy_logprobs(
     Works for any HF causal LM whose `base_model` returns `last_hidden_state` and whose
     output embedding is a bias-free linear head (Llama, Qwen2/3, Mistral, SmolLM, ...).
     shared_prompt: run each distinct prompt once (`rlkit.trainer.shared_prompt`) instead of once per row.
+    padding_free: run the sequences back to back in one row, no padding (`rlkit.trainer.packing`); with
+    shared_prompt, the distinct prompts in one row and the responses in another.
     """
     device = next(model.parameters()).device
     lengths = response_mask.sum(-1).long() if lengths is None else lengths
     rows, steps = response_mask.nonzero(as_tuple=True)
-    if shared_prompt:
+    if padding_free:
+        packed = packed_shared_prompt_hidden if shared_prompt else packed_hidden
+        picked = packed(model.base_model, prompt_ids, response_ids, lengths, rows, steps)
+    elif shared_prompt:
         picked = shared_prompt_hidden(model.base_model, prompt_ids, response_ids, lengths, rows, steps, pad_id)
     else:
         input_ids, attention, positions = pack_inputs(prompt_ids, response_ids, lengths, pad_id)

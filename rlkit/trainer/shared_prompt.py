@@ -43,6 +43,13 @@ def _right_padded(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, 
     return ids, mask
 
 
+def check_cache(base_model: torch.nn.Module) -> None:
+    """RuntimeError under gradient checkpointing in training, which drops the KV cache the second forward reads."""
+    if getattr(base_model, "gradient_checkpointing", False) and base_model.training:
+        raise RuntimeError("trainer.shared_prompt_forward needs the KV cache, which gradient checkpointing drops. "
+                           "Fix: trainer.shared_prompt_forward=false or model.gradient_checkpointing=false")
+
+
 def shared_prompt_hidden(base_model: torch.nn.Module, prompt_ids: list[list[int]], response_ids: torch.Tensor,
                          lengths: torch.Tensor, rows: torch.Tensor, steps: torch.Tensor, pad_id: int) -> torch.Tensor:
     """Final hidden states [N,d] predicting response token steps[k] of row rows[k] (both [N] long).
@@ -51,9 +58,7 @@ def shared_prompt_hidden(base_model: torch.nn.Module, prompt_ids: list[list[int]
     `base_model` takes `past_key_values` (every HF decoder); refused under gradient checkpointing, which drops
     the cache in training.
     """
-    if getattr(base_model, "gradient_checkpointing", False) and base_model.training:
-        raise RuntimeError("trainer.shared_prompt_forward needs the KV cache, which gradient checkpointing drops. "
-                           "Fix: trainer.shared_prompt_forward=false or model.gradient_checkpointing=false")
+    check_cache(base_model)
     device = next(base_model.parameters()).device
     prompts, group = prompt_groups(prompt_ids)
     prompt_len = torch.tensor([len(p) for p in prompts])
