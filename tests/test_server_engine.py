@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from rlkit.rollout import SamplingConfig, create_engine
 from rlkit.rollout.server_http import ServerClient, ServerError
-from rlkit.rollout.server_launch import ServerProcess, free_port, serve_command
+from rlkit.rollout.server_launch import ServerProcess, free_port, serve_command, serve_env
 from rlkit.rollout.shm_transfer import BACKEND_NAME, SharedMemoryWriter, views
 from test_weight_sync import _sample, _train_one_step, _trainer_logprobs
 
@@ -60,6 +60,15 @@ def test_serve_command_has_what_rlkit_needs():
     line = " ".join(cmd)
     assert "--logprobs-mode processed_logprobs" in line and '{"backend": "rlkit_shm"}' in line
     assert "--no-enable-chunked-prefill" in line and cmd[-1] == "--x"
+
+
+def test_a_launched_cpu_server_gets_a_small_kv_cache_unless_told(monkeypatch):
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    assert serve_env(cuda=False) == {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": f"0-{os.cpu_count() - 1}"}
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "4")
+    assert serve_env(cuda=False)["VLLM_CPU_KVCACHE_SPACE"] == "4"
+    assert serve_env(cuda=True) == {}
 
 
 # ---------------------------------------------------------------------------------------------- real servers
@@ -159,3 +168,14 @@ def test_a_killed_server_is_reported_within_the_deadline(servers, tiny_model_dir
         assert time.monotonic() - started < 12
     finally:
         engine.close()
+
+
+@pytest.mark.slow
+def test_a_launched_server_that_dies_is_reported_at_once_with_its_log(servers):
+    """Last in this module: it kills the launched server the tests above share."""
+    engine, _, _ = servers
+    os.killpg(engine.process.proc.pid, signal.SIGKILL)
+    started = time.monotonic()
+    with pytest.raises(ServerError, match=r"(?s)exited with code -9; log .*first.log, last lines"):
+        engine.generate(PROMPTS, SamplingConfig(n=2, max_tokens=4, seed=0))
+    assert time.monotonic() - started < 10  # not retried to the 60 s deadline

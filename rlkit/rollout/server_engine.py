@@ -20,7 +20,7 @@ import torch
 from rlkit.ranks import Ranks
 from rlkit.rollout.base import Completion, SamplingConfig
 from rlkit.rollout.server_http import ServerClient, ServerError
-from rlkit.rollout.server_launch import ServerProcess, free_port, serve_command
+from rlkit.rollout.server_launch import ServerProcess, free_port, serve_command, serve_env
 from rlkit.rollout.shm_transfer import BACKEND_NAME, SharedMemoryWriter
 
 INITIAL_VERSION = "default"  # what a fresh server reports before any push (vLLM 0.32)
@@ -77,10 +77,12 @@ class VLLMServerEngine:
                     cmd = serve_command(model_path, host=host, port=port, dtype=dtype, max_model_len=max_model_len,
                                         seed=seed, backend=BACKEND_NAME, cuda=torch.cuda.is_available(),
                                         gpu_memory_utilization=gpu_memory_utilization, extra_args=extra_args or [])
-                    self.process = ServerProcess(cmd, log_file)
+                    self.process = ServerProcess(cmd, log_file, env=serve_env(torch.cuda.is_available()))
                     urls = [f"http://{host}:{port}"]
                     self.process.wait_healthy(urls[0], start_timeout_s)
-                self.clients = [ServerClient(u, timeout_s=timeout_s, connections=max_concurrency) for u in urls]
+                exited = self.process.exit_reason if self.process is not None else None
+                self.clients = [ServerClient(u, timeout_s=timeout_s, connections=max_concurrency, exited=exited)
+                                for u in urls]
                 for client in self.clients:
                     self._init_transfer(client)
         except Exception as err:

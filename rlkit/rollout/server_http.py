@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import random
 import time
+from typing import Callable
 
 import httpx
 
@@ -17,14 +18,17 @@ class ServerClient:
     timeout_s: deadline for one call, retries included: connection errors, timeouts, 429 and 5xx answers are
         retried with exponential backoff (`backoff_s * 2**k`, jittered, at most `max_backoff_s`) until it passes;
         other 4xx answers raise at once.
+    exited: for a server this process launched, a callable that returns why it exited (None while it runs): a
+        failed attempt then raises at once with that reason instead of retrying a dead server to the deadline.
     """
 
     def __init__(self, url: str, *, timeout_s: float = 120.0, backoff_s: float = 0.25, max_backoff_s: float = 8.0,
-                 connections: int = 64):
+                 connections: int = 64, exited: Callable[[], str | None] | None = None):
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"vLLM server url must start with http:// or https://, got {url!r}")
         self.url = url.rstrip("/")
         self.timeout_s, self.backoff_s, self.max_backoff_s = float(timeout_s), float(backoff_s), float(max_backoff_s)
+        self.exited = exited or (lambda: None)
         self._http = httpx.Client(timeout=httpx.Timeout(self.timeout_s), verify=self.url.startswith("https://"),
                                   limits=httpx.Limits(max_connections=connections))
 
@@ -58,6 +62,8 @@ class ServerClient:
                 if answer.status_code < 500 and answer.status_code != 429:
                     raise ServerError(f"vLLM server at {self.url} refused {method} {path} ({problem})")
             elapsed = time.monotonic() - started
+            if (reason := self.exited()) is not None:
+                raise ServerError(f"vLLM server at {self.url} {reason} ({method} {path}: {problem})")
             if not retry or elapsed + wait_s > deadline_s:
                 raise ServerError(f"vLLM server at {self.url}: {method} {path} failed {attempts} attempt(s) over "
                                   f"{elapsed:.1f} s (deadline rollout.engine.options.timeout_s={deadline_s:g}); "

@@ -23,6 +23,7 @@ from rlkit.rollout.server_http import ServerError
 SERVER_ENV = {"VLLM_SERVER_DEV_MODE": "1"}  # registers vLLM's RL routes (/pause, /update_weights, /weight_info, ...)
 DROPPED_ENV = ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CONFIGURE_LOGGING")
 PR_SET_PDEATHSIG = 1
+CPU_KV_CACHE_GIB = "1"  # a launched CPU server's KV cache unless VLLM_CPU_KVCACHE_SPACE says otherwise
 
 
 def free_port(host: str) -> int:
@@ -46,6 +47,16 @@ def serve_command(model_path: str, *, host: str, port: int, dtype: str, max_mode
         # A partially prefilled request rewinds its seeded generator, which CPU generators cannot do: whole prompts.
         cmd += ["--no-enable-chunked-prefill", "--max-num-batched-tokens", str(max(max_model_len, 8192))]
     return cmd + list(extra_args)
+
+
+def serve_env(cuda: bool) -> dict[str, str]:
+    """What a launched server's environment needs beyond the trainer's. On CPU: a KV cache of CPU_KV_CACHE_GIB
+    (vLLM would reserve ~17-22 GiB and be OOM-killed on a 24 GiB machine) and every core bound (vLLM pins its
+    worker to one), unless VLLM_CPU_KVCACHE_SPACE or VLLM_CPU_OMP_THREADS_BIND say otherwise."""
+    if cuda:
+        return {}
+    return {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GIB),
+            "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", f"0-{os.cpu_count() - 1}")}
 
 
 def _die_with_parent() -> None:
@@ -102,6 +113,12 @@ class ServerProcess:
 
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    def exit_reason(self) -> str | None:
+        """None while the server runs; else its exit code and the last lines of its log."""
+        if self.alive():
+            return None
+        return f"exited with code {self.proc.returncode}; log {self.log_file}, last lines:\n{self.tail()}"
 
     def tail(self, lines: int = 30) -> str:
         try:
