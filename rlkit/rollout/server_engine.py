@@ -21,9 +21,25 @@ from rlkit.ranks import Ranks
 from rlkit.rollout.base import Completion, SamplingConfig
 from rlkit.rollout.server_http import ServerClient, ServerError
 from rlkit.rollout.server_launch import ServerProcess, free_port, serve_command, serve_env
-from rlkit.rollout.shm_transfer import BACKEND_NAME, SharedMemoryWriter
+from rlkit.rollout.nccl_transfer import BACKEND_NAME as NCCL_BACKEND
+from rlkit.rollout.nccl_transfer import NcclSender, nccl_tensors
+from rlkit.rollout.shm_transfer import BACKEND_NAME as SHM_BACKEND
+from rlkit.rollout.shm_transfer import SharedMemoryWriter
 
 INITIAL_VERSION = "default"  # what a fresh server reports before any push (vLLM 0.32)
+
+
+def weight_backend_for(name: str, cuda: bool) -> str:
+    """The weight backend `name` ("auto", "rlkit_shm", "nccl") stands for; ValueError naming the fix otherwise."""
+    if name == "auto":
+        return NCCL_BACKEND if cuda else SHM_BACKEND
+    if name == NCCL_BACKEND and not cuda:
+        raise ValueError("rollout.engine.options.weight_backend: nccl needs CUDA on the trainer, and this process has "
+                         "none. Fix: weight_backend=rlkit_shm (or auto)")
+    if name not in (NCCL_BACKEND, SHM_BACKEND):
+        raise ValueError(f"rollout.engine.options.weight_backend: {name!r} is not a backend. Fix: one of auto, "
+                         f"{SHM_BACKEND}, {NCCL_BACKEND}")
+    return name
 
 
 class VLLMServerEngine:
@@ -31,10 +47,14 @@ class VLLMServerEngine:
     (`push_at_start`): a running server may hold another run's.
 
     urls: running servers (`http://host:port`), each started with `VLLM_SERVER_DEV_MODE=1`,
-        `--logprobs-mode processed_logprobs` and `--weight-transfer-config '{"backend": "rlkit_shm"}'`.
+        `--logprobs-mode processed_logprobs` and `--weight-transfer-config '{"backend": BACKEND}'`, BACKEND the
+        engine's weight backend.
     launch: start one server as a child process instead (`urls` must be empty), logging to `log_file`.
     timeout_s: deadline of every request, retries included; start_timeout_s: of a launched server's start.
     shm_dir: where the weights are written for the servers to read (same machine).
+    weight_backend: how weights reach the servers: "rlkit_shm" (a shared-memory file: same machine, CPU or GPU),
+        "nccl" (vLLM's NCCL engine: GPU, any machine that reaches `nccl_host`), or "auto" (nccl with CUDA, else
+        rlkit_shm). nccl_host: the address the servers' workers reach this process at for NCCL.
     Under several ranks (an initialised process group) every rank builds the engine at the same time.
     """
 
@@ -56,8 +76,11 @@ class VLLMServerEngine:
         start_timeout_s: float = 600.0,
         max_concurrency: int = 64,
         shm_dir: str = "/dev/shm",
+        weight_backend: str = "auto",
+        nccl_host: str = "127.0.0.1",
     ):
         urls = list(urls or [])
+        self.backend = weight_backend_for(weight_backend, torch.cuda.is_available())
         if launch == bool(urls):
             raise ValueError("vllm_server: give either urls=[...] (running servers) or launch=true, not "
                              f"{'both' if launch else 'neither'}. Fix: rollout.engine.options.urls=[http://HOST:PORT] "
@@ -66,7 +89,8 @@ class VLLMServerEngine:
         self.process: ServerProcess | None = None
         self.clients: list[ServerClient] = []
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="rlkit-vllm-server")
-        self._writer = SharedMemoryWriter(shm_dir) if self.ranks.is_main else None
+        self._writer = SharedMemoryWriter(shm_dir) if self.ranks.is_main and self.backend == SHM_BACKEND else None
+        self._senders: list[NcclSender] = []  # one NCCL group per server (nccl)
         self._pushes = 0
         self._sampled_with = 0  # pushes the servers held when the last generation ran
         failure = None
@@ -75,7 +99,7 @@ class VLLMServerEngine:
                 if launch:
                     port = port or free_port(host)
                     cmd = serve_command(model_path, host=host, port=port, dtype=dtype, max_model_len=max_model_len,
-                                        seed=seed, backend=BACKEND_NAME, cuda=torch.cuda.is_available(),
+                                        seed=seed, backend=self.backend, cuda=torch.cuda.is_available(),
                                         gpu_memory_utilization=gpu_memory_utilization, extra_args=extra_args or [])
                     self.process = ServerProcess(cmd, log_file, env=serve_env(torch.cuda.is_available()))
                     urls = [f"http://{host}:{port}"]
@@ -84,7 +108,7 @@ class VLLMServerEngine:
                 self.clients = [ServerClient(u, timeout_s=timeout_s, connections=max_concurrency, exited=exited)
                                 for u in urls]
                 for client in self.clients:
-                    self._init_transfer(client)
+                    self._init_transfer(client, nccl_host)
         except Exception as err:
             failure = err
         except BaseException:
@@ -152,7 +176,7 @@ class VLLMServerEngine:
         failure = None
         if self.ranks.is_main:
             try:
-                self._push(self._writer.write(named_tensors))
+                self._push(named_tensors)
             except Exception as err:
                 failure = err
         else:
@@ -165,13 +189,21 @@ class VLLMServerEngine:
             raise ServerError(f"rank 0's weight push to the vLLM servers failed: {refusal}")
         self.check_versions()
 
-    def _push(self, update_info: dict) -> None:
-        for client in self.clients:
+    def _push(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Rank 0: every server paused (requests in flight finish first), updated, resumed."""
+        if self.backend == SHM_BACKEND:
+            update_info = self._writer.write(named_tensors)
+        else:
+            tensors = nccl_tensors(named_tensors)
+        for i, client in enumerate(self.clients):
             client.post("/pause", params={"mode": "wait"})
             try:
-                client.post("/start_weight_update", retry=False)
-                client.post("/update_weights", json={"update_info": update_info}, retry=False)
-                client.post("/finish_weight_update", json={"weight_version": self.expected_version}, retry=False)
+                if self.backend == SHM_BACKEND:
+                    client.post("/start_weight_update", retry=False)
+                    client.post("/update_weights", json={"update_info": update_info}, retry=False)
+                    client.post("/finish_weight_update", json={"weight_version": self.expected_version}, retry=False)
+                else:
+                    self._senders[i].send(tensors, self.expected_version)
             finally:
                 client.post("/resume")
 
@@ -192,14 +224,17 @@ class VLLMServerEngine:
         """rollout/weight_version: the pushes the servers held (each checked) when they sampled the last batch."""
         return {"rollout/weight_version": float(self._sampled_with)}
 
-    def _init_transfer(self, client: ServerClient) -> None:
+    def _init_transfer(self, client: ServerClient, nccl_host: str) -> None:
         try:
-            client.post("/init_weight_transfer_engine", json={"init_info": {}}, retry=False)
+            if self.backend == SHM_BACKEND:
+                client.post("/init_weight_transfer_engine", json={"init_info": {}}, retry=False)
+            else:
+                self._senders.append(NcclSender(client, nccl_host))
         except ServerError as err:
             raise ServerError(f"{err}\nFix: start the server with VLLM_SERVER_DEV_MODE=1 (vLLM's RL routes) and "
-                              f"--weight-transfer-config '{{\"backend\": \"{BACKEND_NAME}\"}}', with rlkit installed "
-                              f"where it runs (the backend is the `vllm.general_plugins` entry point "
-                              f"rlkit_weight_transfer)") from None
+                              f"--weight-transfer-config '{{\"backend\": \"{self.backend}\"}}' (rollout.engine.options."
+                              f"weight_backend), with rlkit installed where it runs (rlkit_shm is the "
+                              f"`vllm.general_plugins` entry point rlkit_weight_transfer)") from None
 
     # ------------------------------------------------------------------ lifecycle
     def sleep(self) -> None:
@@ -215,5 +250,7 @@ class VLLMServerEngine:
             client.close()
         if self._writer is not None:
             self._writer.close()
+        for sender in self._senders:
+            sender.close()
         if self.process is not None:
             self.process.stop()
