@@ -35,5 +35,10 @@ test-fast:
 train:
 	$(PY) -m rlkit.train
 
+# rlkit vs TRL 1.16, one GRPO step on SmolLM2-135M (8 x 8 x 128, about 20 minutes on 2 cores); prints the table,
+# writes runs/bench_trl.json (docs/benchmarks.md)
+bench:
+	$(PY) scripts/bench_trl.py --out runs/bench_trl.json
+
 clean:
 	rm -rf runs outputs .pytest_cache

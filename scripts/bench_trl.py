@@ -158,6 +158,40 @@ def summarize(records: list[dict], warmup: int) -> dict:
     }
 
 
+def peak_rss_gib() -> float:
+    """Peak resident memory of this process so far (GiB): each framework runs in a process of its own (`--only`),
+    so this is its whole footprint, model, optimizer, engine and activations."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+
+
+def matmul_peak_gflops(size: int = 2048, seconds: float = 3.0) -> float:
+    """This CPU's fp32 matmul rate (GFLOP/s) with the threads training runs with: [size,size] @ [size,size]
+    repeated for about `seconds` after one warm-up product."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    count, tick = 0, time.perf_counter()
+    while time.perf_counter() - tick < seconds:
+        a @ b
+        count += 1
+    return 2 * size**3 * count / (time.perf_counter() - tick) / 1e9
+
+
+def training_flops_per_token(model):
+    """(distinct tokens, response tokens) -> the FLOPs one forward+backward must do: 6 x the non-embedding
+    parameters for every distinct token (each group's prompt once, every response), and 6 x the LM head for each
+    response token (rlkit's head runs on response positions only). Attention scores and the head's recomputation
+    in backward are not counted: they are work, not work that must be done."""
+    head = model.get_output_embeddings().weight.numel()
+    body = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
+    if not getattr(model.config, "tie_word_embeddings", False):
+        body -= head
+    return lambda distinct, responses: 6 * body * distinct + 6 * head * responses
+
+
 # ---------------------------------------------------------------------------------------------- rlkit
 def suppress_eos(engine) -> None:
     """Make every request of rlkit's vLLM engine run to its max_tokens (vLLM min_tokens = max_tokens)."""
@@ -186,6 +220,8 @@ def run_rlkit(args: argparse.Namespace) -> dict:
         trainer = Trainer(cfg)
         setup_s = time.perf_counter() - tick
         threads = torch.get_num_threads()  # after the engine started: what training runs with
+        peak = matmul_peak_gflops()
+        useful_flops = training_flops_per_token(trainer.learner.model)
         try:
             if args.force_full_length:
                 suppress_eos(trainer.engine)
@@ -195,13 +231,20 @@ def run_rlkit(args: argparse.Namespace) -> dict:
                 record = {"step_s": m["time/step"], "tokens": m["response/tokens"], **phases,
                           "other": m["time/step"] - sum(phases.values()),
                           "reward_mean": m["reward/mean"], "truncated_frac": m["response/truncated_frac"],
-                          "logprob_gap_max": m["rollout/logprob_gap_max"]}
+                          "logprob_gap_max": m["rollout/logprob_gap_max"],
+                          "tokens_trained": m["batch/tokens_trained"],
+                          "tokens_trained_distinct": m["batch/tokens_trained_distinct"]}
+                record["train_gflops"] = useful_flops(record["tokens_trained_distinct"], record["tokens"]) / \
+                    record["train"] / 1e9
                 records.append(record)
                 _print_step("rlkit", step, args.warmup, record)
         finally:
             trainer.close()
+    summary = summarize(records, args.warmup)
+    train_gflops = statistics.median(r["train_gflops"] for r in records[args.warmup:])
     return {"generation": "vLLM in-process", "setup_s": setup_s, "torch_threads": threads, "steps": records,
-            **summarize(records, args.warmup)}
+            "peak_rss_gib": peak_rss_gib(), "matmul_peak_gflops": peak, "train_gflops": train_gflops,
+            "train_peak_frac": train_gflops / peak, **summary}
 
 
 # ---------------------------------------------------------------------------------------------- TRL
@@ -373,7 +416,7 @@ def run_trl(args: argparse.Namespace) -> dict:
         _print_step("trl", step, args.warmup, record)
     label = "vLLM colocate" if args.trl_vllm else "transformers generate"
     return {"generation": label, "setup_s": setup_s, "torch_threads": threads, "steps": records,
-            **summarize(records, args.warmup)}
+            "peak_rss_gib": peak_rss_gib(), **summarize(records, args.warmup)}
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -425,6 +468,9 @@ def markdown(result: dict) -> str:
     row("weight push (s, % of step)", lambda r: f"{r['median']['weight_push']:.2f} ({r['weight_push_pct']:.1f} %)")
     row("other (s)", lambda r: f"{r['median']['other']:.2f}")
     row("setup (s, not in steps)", lambda r: f"{r['setup_s']:.1f}")
+    row("training GFLOP/s (% of the matmul peak)", lambda r: f"{r['train_gflops']:.0f} "
+        f"({100 * r['train_peak_frac']:.0f} % of {r['matmul_peak_gflops']:.0f})" if "train_gflops" in r else "")
+    row("peak RSS of the process (GiB)", lambda r: f"{r['peak_rss_gib']:.2f}" if "peak_rss_gib" in r else "")
     row("torch threads after setup", lambda r: str(r["torch_threads"]))
     if "ratio" in result:
         lines.append("")

@@ -69,5 +69,9 @@ def test_bench_trl_runs_both_frameworks(tiny_model_dir, tmp_path):
     for name in ("rlkit", "trl"):
         assert result[name]["median"]["tokens"] == 2 * 2 * 8  # every response forced to 8 tokens
         assert result[name]["median"]["train"] > 0
+        assert result[name]["peak_rss_gib"] > 0.1  # the whole process: torch alone is more
     assert result["ratio"]["step_time"] > 0
+    assert result["rlkit"]["matmul_peak_gflops"] > 0 and result["rlkit"]["train_gflops"] > 0
+    step = result["rlkit"]["steps"][0]  # 2 prompts, each once, and 2 x 2 responses of 8 tokens
+    assert step["tokens_trained"] - step["tokens_trained_distinct"] == 2 * (step["tokens_trained"] - 32) / 4
     assert "TRL / rlkit step time" in proc.stdout

@@ -12,7 +12,7 @@ from rlkit.sampling.collect import ScoredSample
 from rlkit.sampling.critique import CritiqueSampler
 from rlkit.sampling.filters import drop_zero_variance, keep_all
 from rlkit.sampling.fr3e import FR3ESampler
-from rlkit.trainer.metrics import MetricsLogger, pick_samples, reward_views
+from rlkit.trainer.metrics import MetricsLogger, pick_samples, reward_views, trained_tokens
 from test_critique import ROWS as QUESTIONS, _context as critique_context, tokenizer  # noqa: F401 (fixture)
 from test_fr3e import ROWS, FakeEngine, fake_context
 
@@ -104,3 +104,13 @@ def test_critique_samples_log_initial_responses_and_refinements_with_their_criti
 def test_pick_samples_takes_the_first_of_each_kind():
     scored = [_sample("branch", 1.0), _sample("fresh", 0.0), _sample("fresh", 1.0), _sample("fresh", 1.0)]
     assert [(s.kind, s.reward) for s in pick_samples(scored, 2)] == [("fresh", 0.0), ("fresh", 1.0), ("branch", 1.0)]
+
+
+def test_trained_tokens_count_each_prompt_per_row_and_once():
+    # two groups: prompt [1, 2, 3] answered by responses of 2 and 4 tokens, prompt [5] by one of 1 token
+    batch = RolloutBatch(prompt_ids=[[1, 2, 3], [1, 2, 3], [5]], response_ids=torch.ones(3, 4, dtype=torch.long),
+                         response_mask=torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]),
+                         behavior_logprobs=torch.zeros(3, 4), group_ids=torch.tensor([0, 0, 1]),
+                         prompt_index=torch.tensor([0, 0, 1]), truncated=torch.zeros(3, dtype=torch.bool),
+                         rows=[{}] * 3, texts=[""] * 3)
+    assert trained_tokens(batch) == {"batch/tokens_trained": 7 + 3 + 3 + 1, "batch/tokens_trained_distinct": 7 + 3 + 1}

@@ -72,7 +72,7 @@ def rollout_metrics(seen: RolloutBatch, batch: RolloutBatch) -> dict[str, float]
     A step that returned no sample (a sampler whose every group was flat, say) logs only the batch counts.
     """
     trained = {"batch/samples_trained": float(len(batch)), "batch/groups_trained": float(batch.group_ids.unique().numel()),
-               "batch/prompts_trained": float(batch.prompt_index.unique().numel())}
+               "batch/prompts_trained": float(batch.prompt_index.unique().numel()), **trained_tokens(batch)}
     if not len(seen):
         return trained
     lengths = seen.lengths.float()
@@ -99,6 +99,16 @@ def rollout_metrics(seen: RolloutBatch, batch: RolloutBatch) -> dict[str, float]
     if len(batch):
         metrics["reward/shaped_mean"] = batch.rewards[batch.scorable].mean().item() if batch.scorable.any() else 0.0
     return metrics
+
+
+def trained_tokens(batch: RolloutBatch) -> dict[str, float]:
+    """batch/tokens_trained: prompt + response tokens of every trained row (what a per-sequence forward runs);
+    batch/tokens_trained_distinct: each distinct prompt once plus every response (the least a forward must run,
+    what trainer.shared_prompt_forward runs)."""
+    prompts = [tuple(p) for p in batch.prompt_ids]
+    responses = float(batch.lengths.sum()) if len(batch) else 0.0
+    return {"batch/tokens_trained": responses + sum(map(len, prompts)),
+            "batch/tokens_trained_distinct": responses + sum(map(len, set(prompts)))}
 
 
 def pick_samples(scored: list[ScoredSample], count: int) -> list[ScoredSample]:
