@@ -199,17 +199,19 @@ def test_k1_with_a_slow_learner_trains_samples_one_version_old(running_server, t
     assert [m["async/staleness_max"] for m in metrics] == [0.0, 1.0, 1.0, 1.0]
     assert all(m["async/queue_depth"] <= 1 and m["async/dropped_stale"] == 0 for m in metrics)
     assert sum(m["time/producer_wait_weights"] for m in metrics) > 1.0  # waited for weights, did not draw ahead
-    assert all(m["rollout/logprob_gap_max"] < 1e-4 for m in metrics)  # behaviour logprobs: the weights that sampled
-    assert all(m["actor/ratio_max"] > 0 for m in metrics)
+    # the behaviour logprobs are the engine's (the older weights): the ratio and its clipping see the lag
+    assert metrics[0]["rollout/logprob_gap_max"] < 1e-4 and metrics[0]["actor/clip_frac"] == 0
+    assert all(m["rollout/logprob_gap_max"] > 1e-3 and m["actor/clip_frac"] > 0 for m in metrics[1:])
 
 
 @pytest.mark.slow
 def test_fr3e_with_surprisal_runs_async(running_server, tmp_path, tiny_model_dir):  # noqa: F811
-    metrics = run(tmp_path, tiny_model_dir, "fr3e_async", "+recipe=fr3e", "trainer.total_steps=2",
-                  *_served(running_server, "trainer.max_staleness=1", "algorithm.sampler.options.base_n=2",
+    metrics = run(tmp_path, tiny_model_dir, "fr3e_async", "+recipe=fr3e",
+                  *_served(running_server, "trainer.max_staleness=1", "trainer.total_steps=2", "algorithm.sampler.options.base_n=2",
                            "algorithm.sampler.options.k=1", "algorithm.max_sample_rounds=1",
                            "algorithm.sampler.options.branch_score=surprisal"))
-    assert [m["step"] for m in metrics] == [1, 2] and all("fr3e/bases_kept" in json.dumps(m) or True for m in metrics)
+    assert [m["step"] for m in metrics] == [1, 2] and all(m["batch/samples_trained"] > 0 for m in metrics)
+    assert all(any(key.startswith("fr3e/") for key in m) for m in metrics)  # read in the producer, with its batch
     assert all(m["async/staleness_max"] <= 1 for m in metrics)
 
 

@@ -151,7 +151,7 @@ class AsyncRollouts:
         """Take the next batch within the bound (older ones dropped and counted), train on it, push; its metrics."""
         t, learner = self.trainer, self.trainer.learner
         start = time.perf_counter()
-        dropped = 0
+        depth, dropped = self.queue.qsize(), 0  # batches ready when the learner asked (0: it waits)
         while True:
             item = self._take()
             ages = staleness(learner.version, item.collected.batch.policy_version)
@@ -174,7 +174,7 @@ class AsyncRollouts:
             "async/batch_index": float(item.index),
             "async/dropped_stale": float(dropped),
             "async/dropped_stale_total": float(self.dropped_total),
-            "async/queue_depth": float(self.queue.qsize()),
+            "async/queue_depth": float(depth),
             "time/learner_wait_data": waited,
             "time/producer_wait_weights": item.waited_s,
             "time/produce_begin": item.began,
