@@ -21,13 +21,15 @@ def main(runs: list[str]) -> None:
         asynchronous = "async/staleness_max" in rows[0]
         head = f"{'step':>4} {'step_s':>7} {'gen_s':>6} {'rew_s':>6} {'train_s':>7} {'push_s':>6}"
         if asynchronous:
-            head += f" {'produce[begin,end]':>19} {'train_begin':>11} {'wait_data':>9} {'wait_wts':>8} {'stale':>5} {'queue':>5}"
+            head += (f" {'produce[begin,end]':>19} {'train_begin':>11} {'wait_data':>9} {'wait_wts':>8} "
+                     f"{'stale':>5} {'queue':>5}")
         print(head)
         for m in rows:
             line = (f"{m['step']:>4} {m['time/step']:7.2f} {m['time/generate']:6.2f} {m['time/reward']:6.2f} "
                     f"{m['time/train']:7.2f} {m['time/weight_push']:6.2f}")
             if asynchronous:
-                line += (f"  [{m['time/produce_begin']:7.2f},{m['time/produce_end']:7.2f}] {m['time/train_begin']:11.2f} "
+                line += (f"  [{m['time/produce_begin']:7.2f},{m['time/produce_end']:7.2f}] "
+                         f"{m['time/train_begin']:11.2f} "
                          f"{m['time/learner_wait_data']:9.2f} {m['time/producer_wait_weights']:8.2f} "
                          f"{m['async/staleness_max']:5.0f} {m['async/queue_depth']:5.0f}")
             print(line)

@@ -146,7 +146,8 @@ def test_async_refusals_name_the_key(tiny_model_dir):
     validate(_cfg(tiny_model_dir))
     with pytest.raises(ConfigError, match=r"^trainer.max_staleness: algorithm.advantage=opo needs exactly on-policy"):
         validate(_cfg(tiny_model_dir, "+recipe=opo"))
-    with pytest.raises(ConfigError, match=r"^trainer.max_staleness: rollout.engine=vllm generates.*rollout=vllm_server"):
+    colocated = r"^trainer.max_staleness: rollout.engine=vllm generates.*rollout=vllm_server"
+    with pytest.raises(ConfigError, match=colocated):
         validate(compose([f"model.path={tiny_model_dir}", "trainer.max_staleness=1"]))
     with pytest.raises(ConfigError, match=r"^algorithm.sampler.options.branch_score: fr3e's entropy"):
         validate(_cfg(tiny_model_dir, "+recipe=fr3e"))
@@ -207,7 +208,8 @@ def test_k1_with_a_slow_learner_trains_samples_one_version_old(running_server, t
 @pytest.mark.slow
 def test_fr3e_with_surprisal_runs_async(running_server, tmp_path, tiny_model_dir):  # noqa: F811
     metrics = run(tmp_path, tiny_model_dir, "fr3e_async", "+recipe=fr3e",
-                  *_served(running_server, "trainer.max_staleness=1", "trainer.total_steps=2", "algorithm.sampler.options.base_n=2",
+                  *_served(running_server, "trainer.max_staleness=1", "trainer.total_steps=2",
+                           "algorithm.sampler.options.base_n=2",
                            "algorithm.sampler.options.k=1", "algorithm.max_sample_rounds=1",
                            "algorithm.sampler.options.branch_score=surprisal"))
     assert [m["step"] for m in metrics] == [1, 2] and all(m["batch/samples_trained"] > 0 for m in metrics)
