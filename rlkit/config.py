@@ -6,12 +6,13 @@ import functools
 import inspect
 import os
 import re
+import warnings
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from rlkit.errors import ConfigError, require
-from rlkit.launch import launch_problem
+from rlkit.launch import launch_problem, world_size
 from rlkit.option_types import check_option_types
 from rlkit.ranges import check_ranges
 from rlkit.registry import Plugin, PluginSpec, Registry, capabilities_of, plugin_spec
@@ -216,6 +217,8 @@ def validate(cfg: DictConfig) -> None:
         _check_exact_on_policy(cfg, ", ".join(on_policy_users))
     _check_sampler_inputs(cfg)
     _check_launch(cfg)
+    if t.max_staleness:
+        _check_async(cfg, ", ".join(on_policy_users))
     engine = spec_at(cfg, "rollout.engine")
     try:
         target = engine_target(engine.name)
@@ -281,6 +284,36 @@ def _check_exact_on_policy(cfg: DictConfig, users: str) -> None:
              f"without a reference model or KL term but kl_coef={loss.kl_coef}", f"set algorithm.loss.kl_coef=0, {fix}")
     require(loss.entropy_coef == 0, "algorithm.loss.entropy_coef", f"{users} follows a method without an entropy bonus "
              f"but entropy_coef={loss.entropy_coef}", f"set algorithm.loss.entropy_coef=0, {fix}")
+
+
+def _check_async(cfg: DictConfig, on_policy_users: str) -> None:
+    """What trainer.max_staleness >= 1 needs (docs/async.md): a separate server engine, one process, no plug-in
+    that assumes exact on-policy data, no sampler that reads the learner's live model while collecting."""
+    k, engine = cfg.trainer.max_staleness, spec_at(cfg, "rollout.engine").name
+    fix = "or set trainer.max_staleness=0 (the synchronous loop)"
+    require(not on_policy_users or cfg.algorithm.allow_off_policy, "trainer.max_staleness",
+            f"{on_policy_users} needs exactly on-policy data (needs_on_policy) but max_staleness={k} trains samples "
+            f"up to {k} updates old", f"set trainer.max_staleness=0, or algorithm.allow_off_policy=true to accept "
+            f"the mismatch knowingly")
+    require(engine == "vllm_server", "trainer.max_staleness",
+            f"rollout.engine={engine} generates in the training process, on the same CPU threads or GPU as the "
+            f"update, so a producer thread would only take turns with it", f"use rollout=vllm_server (a separate "
+            f"`vllm serve` process that generates while the learner trains), {fix}")
+    require(world_size() == 1, "trainer.max_staleness",
+            f"async rollouts run in one process; this job has {world_size()} (every rank would have to agree on "
+            f"when each batch is taken and pushed, which is not built)", f"launch one process, {fix}")
+    sampler = spec_at(cfg, "algorithm.sampler")
+    if sampler.name == "fr3e" and sampler.options.get("branch_score", "entropy") == "entropy":
+        raise ConfigError(f"algorithm.sampler.options.branch_score: fr3e's entropy scoring runs the learner's live "
+                          f"model while it collects, which trains at the same time under trainer.max_staleness={k}. "
+                          f"Fix: set algorithm.sampler.options.branch_score=surprisal (the engine's logprobs of the "
+                          f"sampled tokens) or paragraph, {fix}")
+    loss = spec_at(cfg, "algorithm.policy_loss")
+    if loss.name not in ("ppo_clip", "critique"):  # both clip the ratio to the behaviour policy
+        warnings.warn(f"algorithm.policy_loss={loss.name}: with trainer.max_staleness={k} samples are up to {k} "
+                      f"updates off-policy; rlkit cannot tell whether this loss bounds the ratio to the behaviour "
+                      f"policy (ppo_clip and critique do). Unclipped, a stale sample's ratio is unbounded",
+                      stacklevel=2)
 
 
 def _check_plugin(key: str, registry: Registry, spec: PluginSpec) -> None:

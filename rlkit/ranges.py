@@ -101,7 +101,7 @@ RANGES: dict[str, Range] = {
     "trainer.logprob_chunk_tokens": COUNT, "trainer.lr": POSITIVE,
     "trainer.weight_decay": NONNEGATIVE, "trainer.betas": Range(0, 1, high_open=True, items=True),
     "trainer.max_grad_norm": Range(0, low_open=True, null=True), "trainer.warmup_steps": COUNT0,
-    "trainer.save_every": COUNT0, "trainer.keep_last": COUNT, "trainer.eval_every": COUNT0,
+    "trainer.max_staleness": COUNT0, "trainer.save_every": COUNT0, "trainer.keep_last": COUNT, "trainer.eval_every": COUNT0,
     "trainer.collective_timeout_s": POSITIVE,
     "logging.console_every": COUNT0, "logging.samples_per_step": COUNT0,
     "eval.n": COUNT, "eval.k": Range(1, integer=True, items=True), "eval.temperature": NONNEGATIVE, "eval.top_p": FRACTION, "eval.top_k": TOP_K,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from rlkit.logs import route_library_logs
 from rlkit.reward.scorer import make_scorer
 from rlkit.rollout import SamplingConfig, make_engine
 from rlkit.sampling import Collected, SamplerContext, collect
+from rlkit.trainer.async_rollouts import PRODUCER_PLUGINS, AsyncRollouts
 from rlkit.trainer.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from rlkit.trainer.interrupt import StopRequest
 from rlkit.trainer.metrics import MetricsLogger, pick_samples, reward_views, rollout_metrics, step_metrics
@@ -59,6 +61,12 @@ class Trainer:
         evaluates = cfg.trainer.eval_every and self.ranks.is_main
         self.evaluator = Evaluator(cfg, self.tokenizer, self.engine, self.scorer) if evaluates else None
         self.step, self.next_group_id, self.generated_tokens = 0, 0, 0
+        # trainer.max_staleness >= 1: the producer thread (started by fit) and the lock that keeps the weight push
+        # and evaluation between its batches; uncontended with 0
+        self.rollouts: AsyncRollouts | None = None
+        self.engine_lock = threading.Lock()
+        self.next_batch = 0  # async: the index (sampling seed) of the first batch the producer draws
+        self.engine_version = 0  # the learner version whose weights the engine holds (the initial ones until a push)
         self.stopped_by: int | None = None  # the signal that ended fit() early, if any
         if not self._resume() and getattr(self.engine, "push_at_start", False):
             self._push_weights()  # a running server may hold another run's weights
@@ -99,6 +107,8 @@ class Trainer:
                     self.metrics.log(0, self.evaluate())  # the initial policy, before any update
                 if self.step == 0 and t.eval_every:
                     self.ranks.barrier()
+                if t.max_staleness:
+                    self.rollouts = AsyncRollouts(self, t.max_staleness)
                 while self.step < t.total_steps and not self.budget_spent() and not self._stop_requested(stop):
                     metrics = self.train_step()
                     bar.update(1)
@@ -109,6 +119,8 @@ class Trainer:
                     periodic = t.save_every and self.step % t.save_every == 0
                     if periodic and self.step < t.total_steps and not self._stop_requested(stop):
                         self.save()
+                if self.rollouts is not None:
+                    self.rollouts.stop()  # its batch in flight ends; batches not trained are dropped (docs/async.md)
                 path = self.save()
                 signalled = self._stop_requested(stop)  # on one rank is on every rank (its signal, or SIGTERM)
                 self.stopped_by = (stop.signum or signal.SIGTERM) if signalled and self.step < t.total_steps else None
@@ -120,6 +132,8 @@ class Trainer:
             elif t.export_final:
                 self.export(self.run_dir / "final")
         finally:
+            if self.rollouts is not None:
+                self.rollouts.stop()
             bar.close()
             self.close()
 
@@ -137,9 +151,17 @@ class Trainer:
         return resume_command(self.cfg)
 
     def train_step(self) -> dict[str, float]:
-        """One rollout batch and its policy update; returns the step's metrics."""
+        """One rollout batch and its policy update; returns the step's metrics. With trainer.max_staleness >= 1
+        the batch comes from the producer thread instead (rlkit.trainer.async_rollouts)."""
+        if self.rollouts is not None:
+            return self.rollouts.train_step()
         start = time.perf_counter()
-        collected = self.collect()
+        return self.train_on(self.collect(), start)
+
+    def train_on(self, collected: Collected, start: float, produced: dict | None = None) -> dict[str, float]:
+        """Estimate, update, push and log one collected batch; `start`: when the step began (time/step).
+        produced: what the producer thread measured while collecting it (async only): the step metrics of the
+        plug-ins that ran in collect() and of the engine, read there, and async/... and time/... entries."""
         batch = collected.batch
         tick = time.perf_counter()
         metrics = rollout_metrics(collected.seen, batch)
@@ -155,18 +177,24 @@ class Trainer:
         self.engine.wake()
         train_s = time.perf_counter() - tick
         tick = time.perf_counter()
-        self._push_weights()
+        with self.engine_lock:  # async: between the producer's batches
+            self._push_weights()
         push_s = time.perf_counter() - tick
         self.step += 1
         timer = {"generate": collected.generate_s, "reward": collected.reward_s, "train": train_s,
                  "weight_push": push_s, "step": time.perf_counter() - start}
         metrics.update(step_metrics(timer, metrics, lr=lr, rounds=collected.rounds))
-        for plugin in self.plugins.values():
-            metrics.update(plugin.step_metrics())
-        metrics.update(getattr(self.engine, "step_metrics", dict)())  # e.g. vllm_server: rollout/weight_version
+        for key, plugin in self.plugins.items():
+            if produced is None or key not in PRODUCER_PLUGINS:
+                metrics.update(plugin.step_metrics())
+        if produced is None:
+            metrics.update(getattr(self.engine, "step_metrics", dict)())  # e.g. vllm_server: rollout/weight_version
+        else:
+            metrics.update(produced)
         if self.cfg.trainer.eval_every and self.step % self.cfg.trainer.eval_every == 0:
             if self.evaluator is not None:  # rank 0 evaluates (outside time/step); the others wait
-                metrics.update(self.evaluate())
+                with self.engine_lock:
+                    metrics.update(self.evaluate())
             self.ranks.barrier()
         if self.metrics is not None:
             self.metrics.log(self.step, metrics)
@@ -176,20 +204,27 @@ class Trainer:
     # ------------------------------------------------------------------ rollouts
     def collect(self) -> Collected:
         """This step's rollouts (rlkit.sampling.collect) with the step's sampling seed."""
-        r, a = self.cfg.rollout, self.cfg.algorithm
-        seed = (self.cfg.seed * SEED_MIX + self.step * SAMPLING_STEP_STRIDE) % (2**31)
-        ctx = SamplerContext(
-            engine=self.engine, tokenizer=self.tokenizer, build_prompt=self._build_prompt, score=self.score,
-            token_stats=self.learner.token_stats, pad_id=self.pad_id, sampling=SamplingConfig(n=r.n, temperature=r.temperature, top_p=r.top_p,
-                                                        top_k=r.top_k, max_tokens=r.max_tokens, seed=seed))
-        collected = collect(self.stream.next_batch, ctx, sampler=self.plugins["algorithm.sampler"],
-                            group_filter=self.plugins["algorithm.group_filter"],
-                            shaper=self.plugins["algorithm.reward_shaper"], prompts=self.cfg.trainer.prompts_per_step,
-                            max_rounds=a.max_sample_rounds, first_group_id=self.next_group_id, pad_id=self.pad_id,
-                            policy_version=self.learner.version, ranks=self.ranks)
+        collected = self.collect_batch(self.step, self.next_group_id, self.learner.version,
+                                       token_stats=self.learner.token_stats)
         self.next_group_id = collected.next_group_id
         self.generated_tokens += collected.generated_tokens
         return collected
+
+    def collect_batch(self, index: int, first_group_id: int, version: int, *, token_stats) -> Collected:
+        """Rollouts of batch `index` (its sampling seed), groups numbered from `first_group_id`, every sample
+        stamped with `version`; token_stats: the policy's scoring forward a sampler may call (None: none).
+        Draws from self.stream; changes no other trainer state."""
+        r, a = self.cfg.rollout, self.cfg.algorithm
+        seed = (self.cfg.seed * SEED_MIX + index * SAMPLING_STEP_STRIDE) % (2**31)
+        ctx = SamplerContext(
+            engine=self.engine, tokenizer=self.tokenizer, build_prompt=self._build_prompt, score=self.score,
+            token_stats=token_stats, pad_id=self.pad_id, sampling=SamplingConfig(n=r.n, temperature=r.temperature, top_p=r.top_p,
+                                                        top_k=r.top_k, max_tokens=r.max_tokens, seed=seed))
+        return collect(self.stream.next_batch, ctx, sampler=self.plugins["algorithm.sampler"],
+                       group_filter=self.plugins["algorithm.group_filter"],
+                       shaper=self.plugins["algorithm.reward_shaper"], prompts=self.cfg.trainer.prompts_per_step,
+                       max_rounds=a.max_sample_rounds, first_group_id=first_group_id, pad_id=self.pad_id,
+                       policy_version=version, ranks=self.ranks)
 
     def evaluate(self) -> dict[str, float]:
         """eval/<benchmark>/<metric> of the current policy (weights already pushed), and time/eval."""
@@ -215,6 +250,7 @@ class Trainer:
 
     def _push_weights(self) -> None:
         self.engine.update_weights(self.learner.weights())
+        self.engine_version = self.learner.version  # what the engine samples with from now on
 
     def _resume(self) -> bool:
         """Continue from trainer.resume's checkpoint, if there is one (its weights pushed); whether it did."""
@@ -228,6 +264,7 @@ class Trainer:
         state, plugin_state = load_checkpoint(path, learner=self.learner, ranks=self.ranks)
         self.step, self.next_group_id = state["step"], state["next_group_id"]
         self.generated_tokens = state["generated_tokens"]
+        self.next_batch = state.get("next_batch", self.step)  # async runs that dropped stale batches draw ahead
         self.stream.load_state_dict(state["stream"])
         for key, plugin in self.plugins.items():
             if plugin.stateful:
@@ -240,6 +277,8 @@ class Trainer:
         state = {"next_group_id": self.next_group_id, "generated_tokens": self.generated_tokens,
                  "stream": self.stream.state_dict()}
         plugin_state = {key: p.state_dict() for key, p in self.plugins.items() if p.stateful}
+        if self.rollouts is not None:  # as of the last trained batch: batches in flight are drawn again on resume
+            state, plugin_state = self.rollouts.checkpoint_state(state, plugin_state)
         return save_checkpoint(self.run_dir / "checkpoints", self.step, learner=self.learner, ranks=self.ranks,
                                save_optimizer=self.cfg.trainer.save_optimizer, state=state,
                                plugin_state=plugin_state, keep_last=self.cfg.trainer.keep_last)
