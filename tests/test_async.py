@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -203,6 +204,12 @@ def test_k1_with_a_slow_learner_trains_samples_one_version_old(running_server, t
     # the behaviour logprobs are the engine's (the older weights): the ratio and its clipping see the lag
     assert metrics[0]["rollout/logprob_gap_max"] < 1e-4 and metrics[0]["actor/clip_frac"] == 0
     assert all(m["rollout/logprob_gap_max"] > 1e-3 and m["actor/clip_frac"] > 0 for m in metrics[1:])
+    # scripts/async_timeline.py's smoke test: this run's timeline, one row a step, the waits and staleness in it
+    timeline = subprocess.run([sys.executable, str(Path(__file__).parent.parent / "scripts" / "async_timeline.py"),
+                               str(tmp_path / "async_slow_learner")], capture_output=True, text=True, check=True).stdout
+    rows = [line.split() for line in timeline.splitlines() if line.strip()[:1].isdigit()]
+    assert [int(r[0]) for r in rows] == [1, 2, 3, 4] and [r[-2] for r in rows] == ["0", "1", "1", "1"]
+    assert "mean time/step over steps 2..4" in timeline
 
 
 @pytest.mark.slow
