@@ -1,0 +1,200 @@
+"""LoRA (docs/lora.md): the adapter trains alone, reaches the engine after every update (it is not inert), the
+trunk is reached through peft, the reference is the adapter switched off, checkpoints hold the adapter and resume
+exactly, every recipe runs with it, and settings it cannot serve are refused before anything heavy loads."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from rlkit.batch import RolloutBatch
+from rlkit.config import ConfigError, build_plugins, compose, validate
+from rlkit.rollout import SamplingConfig, create_engine
+from rlkit.trainer import lora
+from rlkit.trainer.learner import Learner
+from rlkit.trainer.logprobs import policy_logprobs
+from rlkit.trainer.setup import make_accelerator
+from rlkit.trainer.trainer import Trainer
+
+LORA = ["model.lora.enabled=true", "model.lora.r=8", "model.lora.alpha=16"]
+PROMPTS = [[11, 12, 13, 14], [20, 21], [30, 31, 32, 33, 34, 35]]
+
+
+def _learner(model_dir, *overrides):
+    cfg = compose([f"model.path={model_dir}", "rollout.max_tokens=24", "trainer.lr=5e-2", "trainer.warmup_steps=0",
+                   *LORA, *overrides])
+    validate(cfg)
+    return Learner(cfg, build_plugins(cfg), make_accelerator(cfg))
+
+
+def _sample(engine, temperature=1.0, seed=1, max_tokens=24) -> RolloutBatch:
+    """The engine's completions of PROMPTS (3 each) as a batch with behaviour logprobs."""
+    done = engine.generate(PROMPTS, SamplingConfig(n=3, temperature=temperature, max_tokens=max_tokens, seed=seed))
+    width = max(len(c.token_ids) for c in done)
+    ids, mask, logp = torch.zeros(len(done), width, dtype=torch.long), torch.zeros(len(done), width), torch.zeros(len(done), width)
+    for row, c in enumerate(done):
+        n = len(c.token_ids)
+        ids[row, :n], mask[row, :n], logp[row, :n] = torch.tensor(c.token_ids), 1, torch.tensor(c.logprobs)
+    return RolloutBatch(prompt_ids=[PROMPTS[c.prompt_index] for c in done], response_ids=ids, response_mask=mask,
+                        behavior_logprobs=logp, group_ids=torch.tensor([c.prompt_index for c in done]),
+                        prompt_index=torch.tensor([c.prompt_index for c in done]),
+                        truncated=torch.zeros(len(done), dtype=torch.bool), rows=[{}] * len(done), texts=[""] * len(done))
+
+
+def _gap(learner, batch, temperature=1.0) -> float:
+    with torch.no_grad():
+        mine = policy_logprobs(learner.model, batch.prompt_ids, batch.response_ids, batch.response_mask,
+                               pad_id=learner.pad_id, temperature=temperature).logprobs
+    return float(((mine - batch.behavior_logprobs).abs() * batch.response_mask).max())
+
+
+@pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_untied_model_dir"])
+def test_after_a_step_and_a_push_the_engine_samples_base_plus_adapter(request, fixture):
+    """AdamW step on the Learner; only the adapter moved (base bit-identical); the engine differs before the
+    push (so an inert adapter or a lost push fails here) and equals the trainer within 1e-4 after it; greedy
+    generations after a few steps differ from the base model's."""
+    model_dir = request.getfixturevalue(fixture)
+    learner = _learner(model_dir)
+    base = {k: v.clone() for k, v in learner.model.get_base_model().state_dict().items() if ".lora_" not in k}
+    adapter = {k: v.clone() for k, v in lora.adapter_state(learner.model).items()}
+    engine = create_engine("vllm", str(model_dir), max_model_len=256)
+    try:
+        greedy_base = engine.generate(PROMPTS, SamplingConfig(n=1, temperature=0.0, max_tokens=24, seed=0))
+        batch = _sample(engine)
+        assert _gap(learner, batch) < 1e-4  # B = 0 at start: base + adapter is the base model
+        for step in range(3):
+            batch.advantages = torch.linspace(-1, 1, len(batch))[:, None].expand_as(batch.response_mask).clone()
+            metrics = learner.update(batch)
+            assert metrics["actor/grad_norm"] > 0
+            if step == 0:
+                after = learner.model.get_base_model().state_dict()
+                assert all(torch.equal(after[k], v) for k, v in base.items())  # the base never changes
+                moved = lora.adapter_state(learner.model)
+                assert all(not torch.equal(moved[k], v) for k, v in adapter.items() if "lora_B" in k)
+                assert len(learner.optimizer.state) == len(adapter)  # optimizer state: the adapter's only
+                stale = _sample(engine, seed=2)
+                assert _gap(learner, stale) > 1e-2  # before the push the engine still samples the base
+                engine.update_weights(learner.weights())
+                for temperature in (1.0, 0.7):
+                    assert _gap(learner, _sample(engine, temperature, seed=3), temperature) < 1e-4
+            else:
+                engine.update_weights(learner.weights())
+            batch = _sample(engine, seed=10 + step)
+        assert _gap(learner, batch) < 1e-4
+        greedy = engine.generate(PROMPTS, SamplingConfig(n=1, temperature=0.0, max_tokens=24, seed=0))
+        assert [c.token_ids for c in greedy] != [c.token_ids for c in greedy_base]
+    finally:
+        engine.close()
+
+
+def test_pushed_names_are_the_engines_and_merged_weights_equal_peft_merge(tiny_model_dir):
+    learner = _learner(tiny_model_dir, "model.lora.target_modules=[q_proj,v_proj,down_proj]")
+    for name, p in learner.model.named_parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.1)
+    pushed = dict(learner.weights())
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    assert set(pushed) == {k for k in hf if ".layers." in k and k.endswith("proj.weight")}  # k_proj, up_proj too
+    import copy
+    merged = copy.deepcopy(learner.model).merge_and_unload().state_dict()
+    for name, tensor in pushed.items():
+        torch.testing.assert_close(tensor, merged[name], rtol=0, atol=1e-6)
+    assert not torch.equal(pushed["model.layers.0.self_attn.q_proj.weight"], hf["model.layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(pushed["model.layers.0.self_attn.k_proj.weight"], hf["model.layers.0.self_attn.k_proj.weight"])
+
+
+@pytest.mark.parametrize("layout", [{}, {"padding_free": True}, {"shared_prompt": True},
+                                    {"padding_free": True, "shared_prompt": True}])
+def test_the_forward_reaches_the_trunk_through_peft(tiny_model_dir, layout):
+    """Logprobs, entropies and hidden states through the peft model equal those of the HF model it wraps (the
+    adapter's layers inside), and differ from the base model's once the adapter is non-zero."""
+    learner = _learner(tiny_model_dir)
+    for name, p in learner.model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.2)
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0], [11, 12, 13, 0]])
+    mask = torch.tensor([[1.0, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]])
+    prompts = [[1, 2, 3], [4], [1, 2, 3]]
+    args = dict(pad_id=0, return_hidden=True, **layout)
+    with torch.no_grad():
+        peft = policy_logprobs(learner.model, prompts, ids, mask, **args)
+        inner = policy_logprobs(learner.model.get_base_model(), prompts, ids, mask, **args)
+        with learner.model.disable_adapter():
+            off = policy_logprobs(learner.model, prompts, ids, mask, **args)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        plain = policy_logprobs(base, prompts, ids, mask, **args)
+    for a, b in ((peft, inner), (off, plain)):
+        torch.testing.assert_close(a.logprobs, b.logprobs, rtol=0, atol=1e-5)
+        torch.testing.assert_close(a.entropies, b.entropies, rtol=0, atol=1e-5)
+        torch.testing.assert_close(a.hidden, b.hidden, rtol=0, atol=1e-5)
+    assert (peft.logprobs - plain.logprobs).abs().max() > 1e-3
+
+
+def test_the_reference_is_the_base_model_with_the_adapter_disabled(tiny_model_dir):
+    learner = _learner(tiny_model_dir, "algorithm.loss.kl_coef=0.1")
+    assert isinstance(learner.reference, lora.AdapterOff)
+    assert not list(learner.reference.parameters()) or all(
+        any(p is q for q in learner.model.parameters()) for p in learner.reference.parameters())  # no copy
+    for name, p in learner.model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.2)
+    ids, mask = torch.tensor([[5, 6, 7, 8]]), torch.ones(1, 4)
+    batch = RolloutBatch(prompt_ids=[[1, 2, 3]], response_ids=ids, response_mask=mask, behavior_logprobs=torch.zeros(1, 4),
+                         group_ids=torch.tensor([0]), prompt_index=torch.tensor([0]), truncated=torch.tensor([False]),
+                         rows=[{}], texts=[""])
+    reference = learner._logprobs(learner.reference, batch).logprobs
+    policy = learner._logprobs(learner.forward, batch).logprobs
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        plain = policy_logprobs(base, batch.prompt_ids, ids, mask, pad_id=learner.pad_id).logprobs
+    torch.testing.assert_close(reference, plain, rtol=0, atol=1e-5)
+    assert (policy - reference).abs().max() > 1e-3
+    assert all(not m.disable_adapters for m in learner.model.modules() if isinstance(m, lora.LoraLayer))
+
+
+def _compose(model_dir, *overrides):
+    return compose([f"model.path={model_dir}", *LORA, *overrides])
+
+
+@pytest.mark.parametrize("override, match", [
+    ("model.lora.target_modules=[q_prj]", r"model.lora.target_modules: q_prj matches no linear layer inside the decoder "
+                                          r"layers of LlamaForCausalLM; these exist: down_proj, gate_proj, k_proj, "
+                                          r"o_proj, q_proj, up_proj, v_proj. Fix: set model.lora.target_modules"),
+    ("model.lora.target_modules=[lm_head]", r"lm_head matches no linear layer inside the decoder layers"),
+    ("model.lora.target_modules=[]", r"model.lora.target_modules: must be a non-empty list"),
+    ("model.lora.r=0", r"model.lora.r: must be an integer >= 1, got 0. Fix: set model.lora.r to"),
+    ("model.lora.alpha=0", r"model.lora.alpha: must be a number > 0, got 0. Fix:"),
+    ("model.lora.alpha=-2", r"model.lora.alpha: must be a number > 0"),
+    ("model.lora.dropout=1.0", r"model.lora.dropout: must be a number in \[0, 1\)"),
+])
+def test_settings_lora_cannot_train_are_refused_naming_the_fix(tiny_model_dir, override, match):
+    with pytest.raises(ConfigError, match=match):
+        validate(_compose(tiny_model_dir, override))
+
+
+def test_lora_under_fsdp2_is_refused_with_the_reason(tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    with pytest.raises(ConfigError, match=r"model.lora.enabled: LoRA is not supported under FSDP2 .* Fix: launch LoRA "
+                                          r"data-parallel"):
+        validate(_compose(tiny_model_dir))
+
+
+def test_a_plugin_reading_the_optimizer_state_is_refused_with_lora(tiny_model_dir):
+    import sys
+    import types
+
+    from rlkit.registry import declare
+
+    @declare(reads_optimizer_state=True)
+    def reads_moments(inputs):
+        return inputs.mask
+
+    module = types.ModuleType("lora_test_plugins")
+    module.reads_moments = reads_moments
+    sys.modules["lora_test_plugins"] = module
+    with pytest.raises(ConfigError, match=r"algorithm.token_mask: lora_test_plugins:reads_moments reads the optimizer's "
+                                          r"per-parameter state, which with LoRA exists only for the adapter"):
+        validate(_compose(tiny_model_dir, "algorithm.token_mask=lora_test_plugins:reads_moments"))
