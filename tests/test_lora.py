@@ -198,3 +198,77 @@ def test_a_plugin_reading_the_optimizer_state_is_refused_with_lora(tiny_model_di
     with pytest.raises(ConfigError, match=r"algorithm.token_mask: lora_test_plugins:reads_moments reads the optimizer's "
                                           r"per-parameter state, which with LoRA exists only for the adapter"):
         validate(_compose(tiny_model_dir, "algorithm.token_mask=lora_test_plugins:reads_moments"))
+
+
+# ---------------------------------------------------------------- end to end (tiny model, vLLM engine)
+from test_trainer_e2e import run  # noqa: E402
+
+E2E = ["reward.verifier=rl_tasks:contains_seven", *LORA]
+
+
+def test_a_lora_run_exports_the_adapter_and_a_merged_model_that_loads(tmp_path, tiny_model_dir):
+    """Two GRPO steps with a KL to the adapter-off reference: the engine follows (gap < 1e-4), the checkpoint holds
+    the adapter only, final/ the adapter and final/merged/ a plain HF model equal to base + adapter."""
+    metrics = run(tmp_path, tiny_model_dir, "lora", *E2E, "trainer.total_steps=2", "trainer.lr=1e-2",
+                  "algorithm.loss.kl_coef=0.05", "model.lora.merge_on_export=true", "trainer.save_every=2")
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert all(m["rollout/logprob_gap_max"] < 1e-4 and m["actor/grad_norm"] > 0 for m in metrics)
+    step = tmp_path / "lora" / "checkpoints" / "step_2" / "model"
+    assert sorted(p.name for p in step.glob("*.safetensors")) == ["adapter_model.safetensors"]
+    assert all(".lora_" in k for k in load_file(step / "adapter_model.safetensors"))
+    final = tmp_path / "lora" / "final"
+    adapter = load_file(final / "adapter_model.safetensors")
+    assert any(v.abs().max() > 0 for k, v in adapter.items() if "lora_B" in k)  # the adapter trained
+    assert json.loads((final / "adapter_config.json").read_text())["lora_alpha"] == 16
+    merged = AutoModelForCausalLM.from_pretrained(final / "merged")
+    from peft import PeftModel
+    expected = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), final).merge_and_unload()
+    for name, tensor in expected.state_dict().items():
+        torch.testing.assert_close(merged.state_dict()[name], tensor, rtol=0, atol=1e-6)
+    from rlkit.eval.job import resolve_model_path
+    assert resolve_model_path(str(tmp_path / "lora")) == str(final / "merged")
+
+
+@pytest.mark.slow  # three runs: about 100 s on this shared 2-core machine
+def test_resume_with_lora_continues_exactly(tmp_path, tiny_model_dir):
+    common = [*E2E, "trainer.total_steps=4", "trainer.lr=1e-2"]
+    straight = run(tmp_path, tiny_model_dir, "straight", *common, "trainer.save_every=0")
+    run(tmp_path, tiny_model_dir, "split", *common, "trainer.save_every=2", "trainer.total_steps=2")
+    resumed = run(tmp_path, tiny_model_dir, "split", *common, "trainer.save_every=2", "trainer.resume=auto")
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
+    for a, b in zip(straight, resumed):
+        for key, value in a.items():
+            if not key.startswith(("time/", "perf/")):
+                assert b[key] == pytest.approx(value, abs=1e-6), (a["step"], key)
+    a = load_file(tmp_path / "straight" / "final" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "split" / "final" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and any(v.abs().max() > 0 for k, v in a.items() if "lora_B" in k)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6)
+
+
+RECIPES = {"grpo": [], "dr_grpo": [], "dapo": [], "opo": [], "grpo_lambda": [], "capo": [],
+           "critique_grpo": ["rollout.engine.options.max_model_len=1024"],
+           "fr3e": ["algorithm.sampler.options.base_n=2", "algorithm.sampler.options.k=1", "algorithm.max_sample_rounds=1"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_every_recipe_runs_two_steps_with_lora(tmp_path, tiny_model_dir, recipe):
+    metrics = run(tmp_path, tiny_model_dir, recipe, f"+recipe={recipe}", *E2E, *RECIPES[recipe],
+                  "trainer.total_steps=2", "trainer.lr=1e-2")
+    assert [m["step"] for m in metrics] == [1, 2]
+    for m in metrics:
+        assert m["rollout/logprob_gap_max"] < 1e-4 and "actor/grad_norm" in m
+    assert (tmp_path / recipe / "final" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_reward_rises_on_easy_task_with_lora(tmp_path, tiny_model_dir):
+    metrics = run(tmp_path, tiny_model_dir, "learn", *E2E, "model.lora.r=16", "model.lora.alpha=32",
+                  "trainer.total_steps=20", "trainer.lr=2e-2", "rollout.n=8", "trainer.prompts_per_step=8",
+                  "trainer.micro_batch_size=32", "trainer.save_every=0")
+    rewards = [m["reward/mean"] for m in metrics]
+    first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
+    assert last > first + 0.25, rewards
+    assert max(m["rollout/logprob_gap_max"] for m in metrics) < 1e-4
