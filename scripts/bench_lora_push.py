@@ -4,7 +4,7 @@
 
 Loads the model (default: SmolLM2-135M-Instruct as `make setup` prepares it), wraps it with a LoRA adapter of
 rank r (B set to small random values, as after training), starts vLLM, and times `engine.update_weights` with
-(a) every weight (a full-model run's push) and (b) `rlkit.trainer.lora.merged_weights` (LoRA's push: the decoder
+(a) every weight merged (what a full push costs) and (b) `rlkit.trainer.lora.merged_weights` (LoRA's push: the decoder
 layers' projections, merged). After (b) it checks the engine's logprobs against the trainer's.
 """
 from __future__ import annotations
@@ -37,8 +37,8 @@ def main() -> None:
     engine = create_engine("vllm", args.model, max_model_len=512)
     try:
         timings = {}
-        for label, weights in (("full", lambda: peft.get_base_model().state_dict().items()),
-                               ("lora_merged", lambda: lora.merged_weights(peft))):
+        for label, weights in (("every_weight", lambda: lora.merged_weights(peft, every_weight=True)),  # as a full push, merged
+                               ("projections", lambda: lora.merged_weights(peft))):
             numel = sum(t.numel() for _, t in weights())
             times = []
             for _ in range(args.pushes):
