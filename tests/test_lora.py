@@ -278,3 +278,21 @@ def test_reward_rises_on_easy_task_with_lora(tmp_path, tiny_model_dir):
     first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
     assert last > first + 0.1, rewards
     assert max(m["rollout/logprob_gap_max"] for m in metrics) < 1e-4
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_same_adapter_as_one(tmp_path, tiny_model_dir):
+    """Data parallel (accelerate launch, 2 gloo ranks): the adapter and the step metrics equal one process's."""
+    from test_distributed import ATOL, _metrics, launch
+
+    for procs in (1, 2):
+        launch(tmp_path, tiny_model_dir, f"lora_{procs}", *LORA, "trainer.lr=1e-2", procs=procs)
+    one, two = tmp_path / "lora_1", tmp_path / "lora_2"
+    a = load_file(one / "final" / "adapter_model.safetensors")
+    b = load_file(two / "final" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and any(v.abs().max() > 0 for k, v in a.items() if "lora_B" in k)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=ATOL)
+    for m1, m2 in zip(_metrics(one), _metrics(two), strict=True):
+        assert m1["reward/mean"] == m2["reward/mean"] and m2["rollout/logprob_gap_max"] < 1e-4
+        assert m2["actor/grad_norm"] == pytest.approx(m1["actor/grad_norm"], abs=1e-5)
