@@ -296,3 +296,11 @@ def test_two_processes_train_the_same_adapter_as_one(tmp_path, tiny_model_dir):
     for m1, m2 in zip(_metrics(one), _metrics(two), strict=True):
         assert m1["reward/mean"] == m2["reward/mean"] and m2["rollout/logprob_gap_max"] < 1e-4
         assert m2["actor/grad_norm"] == pytest.approx(m1["actor/grad_norm"], abs=1e-5)
+
+
+def test_capo_with_lora_says_what_it_judges(tiny_model_dir, caplog):
+    """CAPO reads the frozen LM head: the run says so at start (docs/lora.md, "CAPO with LoRA"); its recipe runs
+    with LoRA (test_every_recipe_runs_two_steps_with_lora)."""
+    with caplog.at_level("WARNING", logger="rlkit"):
+        _learner(tiny_model_dir, "+recipe=capo")
+    assert "algorithm.token_mask reads the LM head, which LoRA keeps frozen" in caplog.text

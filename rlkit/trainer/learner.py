@@ -12,6 +12,7 @@ is the model with its adapter disabled.
 """
 from __future__ import annotations
 
+import logging
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Iterator
@@ -34,6 +35,7 @@ from rlkit.trainer.shared_prompt import row_order
 from rlkit.trainer.sharding import (clip_grad_norm, full_model_state, full_optimizer_state, full_weights,
                                     load_full_model_state, load_full_optimizer_state)
 
+log = logging.getLogger("rlkit")
 GRAD_BUCKET_ELEMENTS = 2**25  # gradients are summed over ranks in flat buckets of at most this many elements
 SEED_MIX = 1_000_003  # seeds derived from cfg.seed: a large prime keeps runs with nearby seeds apart
 
@@ -55,6 +57,10 @@ class Learner:
         self.tokenizer, self.model, self.forward, self.reference, self.optimizer, self.scheduler, self.sharded = \
             load_policy(cfg, self.accelerator, needs_reference=needs_reference)
         self.lora = cfg.model.lora.enabled
+        for key, plugin in plugins.items():
+            if self.lora and plugin.capabilities.reads_lm_head:
+                log.warning("%s reads the LM head, which LoRA keeps frozen: it judges the change a step on the head "
+                            "would make, a proxy for the adapter's step (docs/lora.md, \"CAPO with LoRA\")", key)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         self.version = 0
 
