@@ -262,6 +262,36 @@ def validate(cfg: DictConfig) -> None:
              "load a file or HF dataset with data=file data.source=PATH_OR_NAME (data.prompt_column=..., "
              "data.answer_column=...)")
     check_machine(cfg)
+    _check_lora(cfg)
+
+
+def _check_lora(cfg: DictConfig) -> None:
+    """model.lora: the targets exist in the model (built on the meta device from its config: no weights load), and
+    no plug-in reads what LoRA leaves without state (ranges and the FSDP2 refusal are checked with the others)."""
+    if not cfg.model.lora.enabled:
+        return
+    for key, registry in plug_points().items():
+        name = spec_at(cfg, key).name
+        require(not capabilities_of(registry.get(name)).reads_optimizer_state, key,
+                f"{name} reads the optimizer's per-parameter state, which with LoRA exists only for the adapter "
+                "(the base model, LM head included, is frozen)", f"train {key}={name} without LoRA "
+                "(model.lora.enabled=false), or choose another plug-in")
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from rlkit.models.lora import targets_problem
+
+    try:
+        model_config = AutoConfig.from_pretrained(cfg.model.path)
+    except (OSError, ValueError):  # check_machine accepted the path (a hub name to fetch): checked again at load
+        return
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config)
+    targets = cfg.model.lora.target_modules
+    targets = None if targets is None else OmegaConf.to_container(targets, resolve=True) \
+        if not isinstance(targets, str) else targets
+    if problem := targets_problem(model, targets):
+        raise ConfigError(problem)
 
 
 def _check_launch(cfg: DictConfig) -> None:

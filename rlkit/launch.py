@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 
 LAUNCH_KEY = "accelerate launch config"  # the refusals of the launch name its file's keys
+LORA_FSDP2 = (f"model.lora.enabled: LoRA is not supported under FSDP2 ({LAUNCH_KEY} fsdp_version: 2): the merged "
+              "weights pushed to the engine and the adapter's checkpoint would need the sharded LoRA factors "
+              "gathered, which rlkit does not do (untested). Fix: launch LoRA data-parallel "
+              "(configs/accelerate/ddp.yaml, or torchrun on CPU), where every rank holds the small adapter whole")
 
 
 def world_size() -> int:
@@ -27,7 +31,7 @@ def launch_problem(cfg, plugins: dict[str, tuple[str, object]]) -> str | None:
 
     plugins: config key -> (name, `rlkit.registry.Capabilities`) of every plug point's choice. Refused: DeepSpeed,
     FSDP1; prompts that do not split over the ranks; a single-process plug-in on several ranks; under FSDP2, fp16
-    and a plug-in that reads the LM head or the optimizer state.
+    and a plug-in that reads the LM head or the optimizer state, and LoRA.
     """
     world, shard, prompts = world_size(), sharding(), cfg.trainer.prompts_per_step
     if shard == "deepspeed":
@@ -41,6 +45,8 @@ def launch_problem(cfg, plugins: dict[str, tuple[str, object]]) -> str | None:
     if shard == "fsdp2" and cfg.trainer.mixed_precision == "fp16":
         return ("trainer.mixed_precision: fp16 needs accelerate's loss scaler, which the FSDP2 path does not use. "
                 "Fix: set trainer.mixed_precision=bf16")
+    if shard == "fsdp2" and cfg.model.lora.enabled:
+        return LORA_FSDP2
     if prompts % world:
         return (f"trainer.prompts_per_step: the step's {prompts} prompts must split evenly over the job's {world} "
                 f"processes (each rank samples its share). Fix: set trainer.prompts_per_step to a multiple of {world}, "

@@ -67,6 +67,7 @@ GENERATOR = {"min_value": INT, "max_value": INT, "terms": Range(2, integer=True)
 
 RANGES: dict[str, Range] = {
     "seed": SEED,
+    "model.lora.r": COUNT, "model.lora.alpha": POSITIVE, "model.lora.dropout": Range(0, 1, high_open=True),
     **{f"{prefix}.limit": Range(1, integer=True, null=True) for prefix in ("data", "eval.suite.*", "eval.file")},
     **{f"{prefix}.options.{key}": r for prefix in ("data", "eval.suite.*") for key, r in GENERATOR.items()},
     "rollout.n": COUNT, "rollout.temperature": POSITIVE, "rollout.top_p": FRACTION, "rollout.top_k": TOP_K,

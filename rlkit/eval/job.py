@@ -22,16 +22,21 @@ def compose(overrides: list[str] = ()) -> DictConfig:
 
 def resolve_model_path(path: str) -> str:
     """The folder holding the model's config.json: `path` itself (an HF folder or a run's final/), its model/
-    (a checkpoints/step_N/ folder) or its final/ (a run directory). A string that is no local path is an HF name."""
+    (a checkpoints/step_N/ folder), its final/ (a run directory), or the merged/ of either (a LoRA run exported
+    with model.lora.merge_on_export=true). A string that is no local path is an HF name."""
     local = Path(path).expanduser()
     if not local.exists():
         if path.startswith(("/", ".", "~")) or path.count("/") != 1:
             raise ConfigError(f"model.path: {path} does not exist. Fix: give an HF model folder or name, a run's "
                               f"final/ or a runs/<name>/checkpoints/step_N/ folder")
         return path
-    for folder in (local, local / "model", local / "final"):
+    for folder in (local, local / "model", local / "final", local / "merged", local / "final" / "merged"):
         if (folder / "config.json").is_file():
             return str(folder)
+    adapter = next((f for f in (local, local / "final", local / "model") if (f / "adapter_config.json").is_file()), None)
+    if adapter is not None:
+        raise ConfigError(f"model.path: {adapter} holds a LoRA adapter, not a model. Fix: train with "
+                          "model.lora.merge_on_export=true and evaluate its final/merged/ folder")
     raise ConfigError(f"model.path: {path} holds no config.json, nor does its model/ or final/. Fix: point "
                       f"model.path at an HF model folder, a run's final/ or a checkpoints/step_N/ folder")
 

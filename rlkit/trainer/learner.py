@@ -6,9 +6,14 @@ token mask, per-token loss, one global normaliser per mini-batch, optimizer step
 `weights()` for the rollout engine, `state_dict()`/`load_state_dict()` for checkpoints, and its rank facts.
 Launched with FSDP2 (`sharded`) the model's parameters are shards (rlkit.trainer.sharding); `weights()`,
 `state_dict()`, `load_*` and `save_pretrained` then gather or scatter, and every rank calls them alike.
+With model.lora.enabled the model is a peft model whose adapter alone trains (rlkit.trainer.lora): `weights()`
+yields the merged projections, the checkpointed weights and optimizer state are the adapter's, and the reference
+is the model with its adapter disabled.
 """
 from __future__ import annotations
 
+import logging
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Iterator
 
@@ -22,6 +27,7 @@ from rlkit.algorithms.plugins import TokenMaskInputs
 from rlkit.batch import PolicyOutputs, RolloutBatch
 from rlkit.ranks import Ranks
 from rlkit.registry import Plugin
+from rlkit.trainer import lora
 from rlkit.trainer.metrics import UpdateStats
 from rlkit.trainer.micro_batches import micro_batch_sizes, split_to
 from rlkit.trainer.setup import load_policy
@@ -29,6 +35,7 @@ from rlkit.trainer.shared_prompt import row_order
 from rlkit.trainer.sharding import (clip_grad_norm, full_model_state, full_optimizer_state, full_weights,
                                     load_full_model_state, load_full_optimizer_state)
 
+log = logging.getLogger("rlkit")
 GRAD_BUCKET_ELEMENTS = 2**25  # gradients are summed over ranks in flat buckets of at most this many elements
 SEED_MIX = 1_000_003  # seeds derived from cfg.seed: a large prime keeps runs with nearby seeds apart
 
@@ -49,6 +56,11 @@ class Learner:
         needs_reference = cfg.algorithm.loss.kl_coef > 0 or any(p.capabilities.needs_reference for p in plugins.values())
         self.tokenizer, self.model, self.forward, self.reference, self.optimizer, self.scheduler, self.sharded = \
             load_policy(cfg, self.accelerator, needs_reference=needs_reference)
+        self.lora = cfg.model.lora.enabled
+        for key, plugin in plugins.items():
+            if self.lora and plugin.capabilities.reads_lm_head:
+                log.warning("%s reads the LM head, which LoRA keeps frozen: it judges the change a step on the head "
+                            "would make, a proxy for the adapter's step (docs/lora.md, \"CAPO with LoRA\")", key)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         self.version = 0
 
@@ -73,8 +85,12 @@ class Learner:
     # ------------------------------------------------------------------ the policy's interface
     def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(HF parameter name, full tensor) of every weight, the names the rollout engine loads; sharded, each
-        tensor is all-gathered when the iterator reaches it (one at a time)."""
-        yield from full_weights(self.model) if self.sharded else self.model.state_dict().items()
+        tensor is all-gathered when the iterator reaches it (one at a time). LoRA: the decoder layers' projections
+        only, each merged with its adapter (`lora.merged_weights`); nothing else ever changes."""
+        if self.lora:
+            yield from lora.merged_weights(self.model)
+        else:
+            yield from full_weights(self.model) if self.sharded else self.model.state_dict().items()
 
     def state_dict(self, *, optimizer: bool = True) -> dict:
         """Optimizer (None with `optimizer=False`), scheduler and version; the weights go through `weights()`.
@@ -93,7 +109,10 @@ class Learner:
         self.version = state["version"]
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        """Load HF-named weights (a checkpoint's); a tied output embedding may be absent. RuntimeError on a mismatch."""
+        """Load HF-named weights (a checkpoint's); a tied output embedding may be absent. RuntimeError on a mismatch.
+        LoRA: the adapter's weights (`save_pretrained`'s adapter_model.safetensors), which must match it exactly."""
+        if self.lora:
+            return lora.load_adapter_state(self.model, weights)
         model = self.model
         load = load_full_model_state if self.sharded else (lambda m, w: m.load_state_dict(w, strict=False))
         missing, unexpected = load(model, weights)
@@ -103,13 +122,27 @@ class Learner:
 
     def save_pretrained(self, out: Path | None) -> None:
         """The policy and its tokenizer as an HF model directory at `out` (None: write nothing). Sharded, every
-        rank calls it: the full weights are gathered onto rank 0's CPU, and rank 0 passes `out`."""
+        rank calls it: the full weights are gathered onto rank 0's CPU, and rank 0 passes `out`. LoRA: the
+        adapter alone (peft's adapter_config.json and adapter_model.safetensors), what a checkpoint holds."""
+        if self.lora:
+            if out is not None:
+                self.model.save_pretrained(out, safe_serialization=True)
+                self.tokenizer.save_pretrained(out)
+            return
         state = full_model_state(self.model) if self.sharded else None
         if state is not None:  # as the unsharded save does: a tied weight is stored once, under its source's name
             state = {k: v for k, v in state.items() if k not in self.model.all_tied_weights_keys}
         if out is not None:
             self.model.save_pretrained(out, state_dict=state, safe_serialization=True)
             self.tokenizer.save_pretrained(out)
+
+    def export(self, out: Path | None) -> None:
+        """The final policy at `out` (None: write nothing; every rank calls it): `save_pretrained`, and with LoRA
+        and model.lora.merge_on_export also base + adapter merged into `out`/merged, a plain HF model directory."""
+        self.save_pretrained(out)
+        if out is not None and self.lora and self.cfg.model.lora.merge_on_export:
+            lora.save_merged(self.model, out / "merged")
+            self.tokenizer.save_pretrained(out / "merged")
 
     def close(self) -> None:
         """Leave the process group (after the engine closed: vLLM tears down its groups first)."""
@@ -327,8 +360,9 @@ class Learner:
 
     def _logprobs(self, forward: torch.nn.Module, batch: RolloutBatch, *, grad: bool = False, hidden: bool = False):
         """`policy_logprobs` of `batch` through `forward` (a LogprobsForward) at the sampling temperature
-        (PolicyOutputs, tensors [b,T])."""
-        with torch.set_grad_enabled(grad), self.accelerator.autocast():
+        (PolicyOutputs, tensors [b,T]). A training forward (grad) runs LoRA's adapter dropout, if any."""
+        dropout = lora.adapter_dropout(self.model) if grad and self.lora and self.cfg.model.lora.dropout else nullcontext()
+        with torch.set_grad_enabled(grad), self.accelerator.autocast(), dropout:
             return forward(batch.prompt_ids, batch.response_ids, batch.response_mask, lengths=batch.lengths,
                            pad_id=self.pad_id, temperature=self.cfg.rollout.temperature,
                            chunk_tokens=self.cfg.trainer.logprob_chunk_tokens, return_hidden=hidden,

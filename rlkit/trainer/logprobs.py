@@ -45,6 +45,14 @@ def _head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     return logp, entropy
 
 
+def trunk(model: torch.nn.Module) -> torch.nn.Module:
+    """The decoder trunk of a causal LM (its forward returns `last_hidden_state`): `model.base_model`. Under a
+    peft wrapper `base_model` is the LoRA tuner around the whole causal LM (whose forward computes full logits),
+    so the wrapper is unwrapped first; the adapter's layers sit inside the trunk and act in its forward."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.base_model
+
+
 def policy_logprobs(
     model: torch.nn.Module,
     prompt_ids: list[list[int]],
@@ -65,22 +73,24 @@ def policy_logprobs(
     sums); logprobs and entropies are computed where `response_mask` [b,T] is 1, 0 elsewhere.
 
     Works for any HF causal LM whose `base_model` returns `last_hidden_state` and whose
-    output embedding is a bias-free linear head (Llama, Qwen2/3, Mistral, SmolLM, ...).
+    output embedding is a bias-free linear head (Llama, Qwen2/3, Mistral, SmolLM, ...), and for such a model
+    wrapped by peft (LoRA: `trunk`).
     shared_prompt: run each distinct prompt once (`rlkit.trainer.shared_prompt`) instead of once per row.
     padding_free: run the sequences back to back in one row, no padding (`rlkit.trainer.packing`); with
     shared_prompt, the distinct prompts in one row and the responses in another.
     """
     device = next(model.parameters()).device
+    body = trunk(model)
     lengths = response_mask.sum(-1).long() if lengths is None else lengths
     rows, steps = response_mask.nonzero(as_tuple=True)
     if padding_free:
         packed = packed_shared_prompt_hidden if shared_prompt else packed_hidden
-        picked = packed(model.base_model, prompt_ids, response_ids, lengths, rows, steps)
+        picked = packed(body, prompt_ids, response_ids, lengths, rows, steps)
     elif shared_prompt:
-        picked = shared_prompt_hidden(model.base_model, prompt_ids, response_ids, lengths, rows, steps, pad_id)
+        picked = shared_prompt_hidden(body, prompt_ids, response_ids, lengths, rows, steps, pad_id)
     else:
         input_ids, attention, positions = pack_inputs(prompt_ids, response_ids, lengths, pad_id)
-        hidden = model.base_model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).last_hidden_state
+        hidden = body(input_ids=input_ids.to(device), attention_mask=attention.to(device)).last_hidden_state
         picked = hidden[rows.to(device), positions[rows, steps].to(device)]  # [N,d]
     targets = response_ids[rows, steps].to(device)
     weight = model.get_output_embeddings().weight

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 from datetime import timedelta
 
 import torch
@@ -10,8 +11,12 @@ from accelerate.utils import InitProcessGroupKwargs
 from omegaconf import DictConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
-from rlkit.launch import sharding
+from rlkit.errors import ConfigError
+from rlkit.launch import LORA_FSDP2, sharding
+from rlkit.trainer.lora import AdapterOff, trainable_summary, wrap as wrap_lora
 from rlkit.trainer.sharding import LogprobsForward, shard
+
+log = logging.getLogger("rlkit")
 
 
 def make_accelerator(cfg: DictConfig) -> Accelerator:
@@ -25,8 +30,10 @@ def make_accelerator(cfg: DictConfig) -> Accelerator:
 def load_policy(cfg: DictConfig, accelerator: Accelerator, *, needs_reference: bool):
     """(tokenizer, model, forward, reference or None, optimizer, scheduler, sharded) on `accelerator`'s device.
 
-    model: the HF model, whose parameters are DTensor shards when `sharded` (launched with FSDP2); forward: the
-    `LogprobsForward` every training and scoring pass runs through; reference: the frozen initial policy's.
+    model: the HF model, whose parameters are DTensor shards when `sharded` (launched with FSDP2), or with
+    model.lora.enabled the peft model around it (only the adapter trains); forward: the `LogprobsForward` every
+    training and scoring pass runs through; reference: the frozen initial policy's (with LoRA: the same model with
+    the adapter disabled, no copy).
     The scheduler counts optimizer steps: total_steps x ppo_epochs x mini_batches.
     """
     t = cfg.trainer
@@ -34,7 +41,13 @@ def load_policy(cfg: DictConfig, accelerator: Accelerator, *, needs_reference: b
     model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=getattr(torch, cfg.model.dtype))
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    reference = copy.deepcopy(model).requires_grad_(False).eval() if needs_reference else None
+    lora = cfg.model.lora.enabled
+    if lora:
+        if sharding() == "fsdp2":  # also refused by validate, which names the fix
+            raise ConfigError(LORA_FSDP2)
+        model = wrap_lora(model, cfg.model.lora)
+        log.info("LoRA: %s", trainable_summary(model))
+    reference = copy.deepcopy(model).requires_grad_(False).eval() if needs_reference and not lora else None
     # Neither path hands the model to accelerator.prepare. Data parallel: the Learner sums gradients over ranks once
     # per optimizer step, so the model is not wrapped in DDP (its per-backward hooks would need every micro-batch to
     # go through DDP.forward). FSDP2: rlkit shards by decoder layer itself, with LogprobsForward as the root, since
@@ -45,7 +58,10 @@ def load_policy(cfg: DictConfig, accelerator: Accelerator, *, needs_reference: b
     forward = place(model)
     if reference is not None:
         reference = place(reference)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+    elif lora and needs_reference:
+        reference = AdapterOff(forward, model)
+    trained = [p for p in model.parameters() if p.requires_grad]  # every parameter, or the adapter's
+    optimizer = torch.optim.AdamW(trained, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
     scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps,
                               num_training_steps=t.total_steps * t.ppo_epochs * t.mini_batches)
     if not sharded:  # fp16's loss scaler lives in the prepared optimizer (refused under FSDP2)

@@ -284,7 +284,7 @@ class Trainer:
                                plugin_state=plugin_state, keep_last=self.cfg.trainer.keep_last)
 
     def export(self, out: Path) -> None:
-        self.learner.save_pretrained(out if self.ranks.is_main else None)  # every rank: a sharded learner gathers
+        self.learner.export(out if self.ranks.is_main else None)  # every rank: a sharded learner gathers
         self.ranks.barrier()
 
     def close(self) -> None:
