@@ -15,7 +15,7 @@ import time
 
 import torch
 from omegaconf import OmegaConf
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlkit.models.prepare import default_model_dir
 from rlkit.rollout import SamplingConfig, create_engine
@@ -48,7 +48,7 @@ def main() -> None:
             timings[label] = times
             print(f"{label}: {numel / 1e6:.1f}M values pushed, median {statistics.median(times):.3f} s "
                   f"(runs: {', '.join(f'{t:.3f}' for t in times)})")
-        prompts = [[1, 9690, 198, 2683, 314, 216, 34, 1232, 216, 37, 47]]
+        prompts = [AutoTokenizer.from_pretrained(args.model)("What is 2 + 3?")["input_ids"]]
         out = engine.generate(prompts, SamplingConfig(n=2, temperature=1.0, max_tokens=32, seed=0))
         gaps = []
         for c in out:

