@@ -66,8 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="suppress EOS so every response is exactly --max-tokens long in both frameworks")
     p.add_argument("--trl-vllm", action="store_true", help="TRL generates with colocated vLLM instead of "
                    "transformers generate")
-    p.add_argument("--shared-prompt", action="store_true", help="rlkit: trainer.shared_prompt_forward=true "
-                   "(each group's prompt runs once)")
+    p.add_argument("--shared-prompt", choices=("on", "off"), default="on", help="rlkit: "
+                   "trainer.shared_prompt_forward (each group's prompt runs once; on, rlkit's default)")
     p.add_argument("--padding-free", action="store_true", help="rlkit: trainer.padding_free=true (a micro-batch's "
                    "sequences in one row, no padding)")
     p.add_argument("--micro-batch-tokens", type=int, default=None, help="rlkit: trainer.micro_batch_tokens=N "
@@ -112,7 +112,7 @@ def shared_config(args: argparse.Namespace, output_dir: str):
         f"trainer.micro_batch_size={args.micro_batch}",
         # rlkit's training levers (docs/benchmarks.md): same result, only the layout of the forward changes
         f"trainer.micro_batch_tokens={'null' if args.micro_batch_tokens is None else args.micro_batch_tokens}",
-        f"trainer.shared_prompt_forward={str(args.shared_prompt).lower()}",
+        f"trainer.shared_prompt_forward={str(args.shared_prompt == 'on').lower()}",
         f"trainer.padding_free={str(args.padding_free).lower()}",
         f"trainer.total_steps={args.warmup + args.steps}",
         "trainer.ppo_epochs=1",
@@ -442,7 +442,7 @@ def settings(args: argparse.Namespace) -> dict:
         "model": args.model, "prompts": args.prompts, "n": args.n, "max_tokens": args.max_tokens,
         "steps": args.steps, "warmup": args.warmup, "micro_batch": args.micro_batch,
         "force_full_length": args.force_full_length, "trl_vllm": args.trl_vllm, "dtype": "float32",
-        "rlkit_levers": {"shared_prompt_forward": args.shared_prompt, "padding_free": args.padding_free,
+        "rlkit_levers": {"shared_prompt_forward": args.shared_prompt == "on", "padding_free": args.padding_free,
                          "micro_batch_tokens": args.micro_batch_tokens},
         "temperature": 1.0, "kl": 0.0, "versions": versions, "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "device": "cuda" if torch.cuda.is_available() else "cpu",
@@ -496,7 +496,7 @@ def child_argv(args: argparse.Namespace, only: str, out: str) -> list[str]:
         argv.append("--force-full-length")
     if args.trl_vllm:
         argv.append("--trl-vllm")
-    argv += ["--shared-prompt"] * args.shared_prompt + ["--padding-free"] * args.padding_free
+    argv += ["--shared-prompt", args.shared_prompt] + ["--padding-free"] * args.padding_free
     if args.micro_batch_tokens is not None:
         argv += ["--micro-batch-tokens", str(args.micro_batch_tokens)]
     return argv

@@ -130,3 +130,15 @@ def test_every_recipe_runs_on_a_running_server(running_server, tmp_path, tiny_mo
     assert [m["rollout/weight_version"] for m in metrics] == [1.0, 2.0]  # the server held the last run's weights
     for m in metrics:  # CAPO samples from the top 50: the engine's logprobs are renormalised over them, the trainer's not
         assert (recipe == "capo" or m["rollout/logprob_gap_max"] < 1e-4) and m["batch/samples_trained"] > 0
+
+
+@pytest.mark.slow
+def test_truncated_importance_sampling_on_a_server_weighs_one_in_fp32(running_server, tmp_path, tiny_model_dir):
+    """The mismatch correction on the server engine: fp32 server and trainer agree, so every weight is about 1."""
+    metrics = run(tmp_path, tiny_model_dir, "tis", "trainer.total_steps=2", "trainer.lr=1e-3",
+                  "reward.verifier=rl_tasks:contains_seven", "rollout=vllm_server",
+                  f"rollout.engine.options.urls=[{running_server}]", "trainer.old_logprobs=recompute",
+                  "algorithm.rollout_correction=tis")
+    for m in metrics:
+        assert m["rollout_correction/weight_mean"] == pytest.approx(1.0, abs=1e-3)
+        assert m["rollout_correction/weight_max"] < 1.001 and m["rollout_correction/kept_frac"] == 1.0
