@@ -66,8 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="suppress EOS so every response is exactly --max-tokens long in both frameworks")
     p.add_argument("--trl-vllm", action="store_true", help="TRL generates with colocated vLLM instead of "
                    "transformers generate")
-    p.add_argument("--shared-prompt", choices=("on", "off"), default="on", help="rlkit: "
-                   "trainer.shared_prompt_forward (each group's prompt runs once; on, rlkit's default)")
+    p.add_argument("--shared-prompt", choices=("on", "off"), default="off", help="rlkit: "
+                   "trainer.shared_prompt_forward (each group's prompt runs once; off, rlkit's default)")
     p.add_argument("--padding-free", action="store_true", help="rlkit: trainer.padding_free=true (a micro-batch's "
                    "sequences in one row, no padding)")
     p.add_argument("--micro-batch-tokens", type=int, default=None, help="rlkit: trainer.micro_batch_tokens=N "

@@ -43,15 +43,15 @@ def test_rlkit_levers_reach_the_config_and_the_child_processes(tiny_model_dir, t
     bench = _script()
     cfg = _config(bench, tiny_model_dir, tmp_path)
     assert (cfg.trainer.shared_prompt_forward, cfg.trainer.padding_free, cfg.trainer.micro_batch_tokens) == \
-        (True, False, None)  # rlkit's defaults
-    levers = ["--shared-prompt", "off", "--padding-free", "--micro-batch-tokens", "300"]
+        (False, False, None)  # rlkit's defaults
+    levers = ["--shared-prompt", "on", "--padding-free", "--micro-batch-tokens", "300"]
     cfg = _config(bench, tiny_model_dir, tmp_path, *levers)
     assert (cfg.trainer.shared_prompt_forward, cfg.trainer.padding_free, cfg.trainer.micro_batch_tokens) == \
-        (False, True, 300)
+        (True, True, 300)
     args = bench.parse_args(["--model", str(tiny_model_dir), *levers])
     child = bench.child_argv(args, "rlkit", "out.json")
     assert bench.parse_args(child[2:]).micro_batch_tokens == 300 and "--padding-free" in child
-    assert child[child.index("--shared-prompt") + 1] == "off"
+    assert child[child.index("--shared-prompt") + 1] == "on"
 
 
 @pytest.mark.slow

@@ -138,14 +138,13 @@ def test_shared_prompt_forward_gives_the_same_step(trainer_and_batch, mask_name)
     original = trainer.plugins["algorithm.token_mask"]
     trainer.plugins["algorithm.token_mask"] = TOKEN_MASKS.build(PluginSpec(mask_name))
     try:
-        trainer.cfg.trainer.shared_prompt_forward = False
         plain = _gradients(trainer, batch, len(batch))
         trainer.cfg.trainer.shared_prompt_forward = True
         for size in (len(batch), 3):  # 3 cuts groups of 4
             for g_plain, g_shared in zip(plain, _gradients(trainer, batch, size)):
                 torch.testing.assert_close(g_shared, g_plain, rtol=0, atol=1e-6)
     finally:
-        trainer.cfg.trainer.shared_prompt_forward = True  # the default
+        trainer.cfg.trainer.shared_prompt_forward = False
         trainer.plugins["algorithm.token_mask"] = original
 
 
@@ -156,14 +155,13 @@ def test_padding_free_gives_the_same_step(trainer_and_batch, shared_prompt):
     trainer, batch = trainer_and_batch
     trainer.cfg.algorithm.loss.agg = "seq-mean-token-mean"
     try:
-        trainer.cfg.trainer.shared_prompt_forward = False
         padded = _gradients(trainer, batch, len(batch))
         trainer.cfg.trainer.padding_free, trainer.cfg.trainer.shared_prompt_forward = True, shared_prompt
         for size in (len(batch), 3):
             for g_padded, g_packed in zip(padded, _gradients(trainer, batch, size)):
                 torch.testing.assert_close(g_packed, g_padded, rtol=0, atol=1e-6)
     finally:
-        trainer.cfg.trainer.padding_free, trainer.cfg.trainer.shared_prompt_forward = False, True  # the defaults
+        trainer.cfg.trainer.padding_free = trainer.cfg.trainer.shared_prompt_forward = False
 
 
 @pytest.mark.parametrize("rows", [0, 2.5, 6])
