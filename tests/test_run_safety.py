@@ -109,13 +109,14 @@ def test_first_signal_stops_after_the_step_with_a_checkpoint(tmp_path, tiny_mode
 
     monkeypatch.setattr(Trainer, "train_step", interrupted_after_first)
     common = ["trainer.total_steps=3", "reward.verifier=rl_tasks:contains_seven"]
+    before = signal.getsignal(signal.SIGINT)  # Python's default, unless a library an earlier test loaded changed it
     first = run(tmp_path, tiny_model_dir, "x", *common)
     assert [m["step"] for m in first] == [1]
     assert (tmp_path / "x" / "checkpoints" / "step_1").is_dir() and not (tmp_path / "x" / "final").exists()
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last == (f"rlkit: stopped at step 1/3, checkpoint {tmp_path / 'x' / 'checkpoints' / 'step_1'}. Resume: "
                     f"python -m rlkit.train logging.output_dir={tmp_path} logging.run_name=x trainer.resume=auto")
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert signal.getsignal(signal.SIGINT) is before  # handlers restored
     monkeypatch.setattr(Trainer, "train_step", step)
     resumed = run(tmp_path, tiny_model_dir, "x", *common, "trainer.resume=auto")
     assert [m["step"] for m in resumed] == [1, 2, 3] and (tmp_path / "x" / "final").is_dir()
