@@ -74,6 +74,16 @@ class RolloutBatch:
         """[B] long response lengths (tokens generated, whatever the loss mask keeps)."""
         return self.response_lengths
 
+    @staticmethod
+    def placeholder(pad_id: int) -> "RolloutBatch":
+        """One response of one pad token to one one-token prompt: what a rank with nothing to run forwards so
+        that it still joins the collectives of ranks that have more."""
+        one = torch.full((1, 1), pad_id, dtype=torch.long)
+        return RolloutBatch(prompt_ids=[[pad_id]], response_ids=one, response_mask=torch.ones(1, 1),
+                            behavior_logprobs=torch.zeros(1, 1), group_ids=torch.zeros(1, dtype=torch.long),
+                            prompt_index=torch.zeros(1, dtype=torch.long), truncated=torch.zeros(1, dtype=torch.bool),
+                            rows=[{}], texts=[""])
+
     def select(self, index: torch.Tensor | list[int]) -> "RolloutBatch":
         """Rows `index` (in that order) of every per-sample field."""
         index = torch.as_tensor(index, dtype=torch.long)

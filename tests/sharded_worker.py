@@ -3,7 +3,9 @@
 `python sharded_worker.py MODEL_DIR OUT_DIR [OVERRIDE ...]`: a sharded Learner trains `learner_batch()` once;
 rank 0 writes its weights() before and after (before.safetensors, after.safetensors), the update's metrics and
 the time one full gather of weights() takes (result.json), and whether a second sharded Learner restored from
-its save_pretrained and state_dict() equals it (the checkpoint round trip).
+its save_pretrained and state_dict() equals it (the checkpoint round trip). Before the update, each rank scores
+a different number of rows with token_stats (TOKEN_STATS_ROWS; token_stats_rank{r}.pt): ranks whose
+micro-batch counts differ must still pair up every parameter gather.
 """
 import json
 import sys
@@ -20,12 +22,16 @@ from rlkit.trainer.learner import Learner
 from rlkit.trainer.setup import make_accelerator
 
 GATHERS = 20  # full passes over weights() timed
+# Rows of learner_batch() each rank scores with token_stats, in two calls: 1 vs 3 micro-batches (rank 0's row
+# has a one-token response, so no second token to run), then none vs 1.
+TOKEN_STATS_ROWS = {0: ([3], []), 1: ([0, 1, 2], [0])}
 
 
 def learner_overrides(model_dir) -> list[str]:
-    """Two mini-batches (two optimizer steps, clipped) of micro-batches of one row."""
+    """Two mini-batches (two optimizer steps, clipped) of micro-batches of one row, the prompt run once per
+    micro-batch."""
     return [f"model.path={model_dir}", "trainer.lr=1e-3", "rollout.max_tokens=8", "trainer.mini_batches=2",
-            "trainer.micro_batch_size=1", "trainer.max_grad_norm=0.05"]
+            "trainer.micro_batch_size=1", "trainer.max_grad_norm=0.05", "trainer.shared_prompt_forward=true"]
 
 
 def learner_batch(pad_id: int) -> RolloutBatch:
@@ -46,6 +52,9 @@ def main(model_dir: str, out: str, *overrides: str) -> None:
     learner = Learner(cfg, build_plugins(cfg), make_accelerator(cfg))
     assert learner.sharded and learner.world_size == dist.get_world_size()
     before = {name: tensor.clone() for name, tensor in learner.weights()}  # on one rank: views of the shards
+    scored = [learner.token_stats(learner_batch(learner.pad_id).select(rows)).logprobs
+              for rows in TOKEN_STATS_ROWS[learner.rank]]
+    torch.save(scored, out / f"token_stats_rank{learner.rank}.pt")
     metrics = learner.update(learner_batch(learner.pad_id))
     after = dict(learner.weights())
     start = time.perf_counter()

@@ -17,7 +17,7 @@ from rlkit.config import ConfigError, build_plugins, compose, validate
 from rlkit.registry import declare
 from rlkit.trainer.learner import Learner
 from rlkit.trainer.setup import make_accelerator
-from sharded_worker import learner_batch, learner_overrides
+from sharded_worker import TOKEN_STATS_ROWS, learner_batch, learner_overrides
 
 ROOT = Path(__file__).parent.parent
 # What `accelerate launch` with fsdp2.yaml sets. Its default FSDP_CPU_RAM_EFFICIENT_LOADING=true makes transformers
@@ -83,6 +83,20 @@ def test_an_update_under_fsdp2_trains_what_one_unsharded_process_trains(sharded,
         torch.testing.assert_close(tensor, unsharded[name], rtol=0, atol=ATOL)
         moved = max(moved, float((tensor - load_file(out / "before.safetensors")[name]).abs().max()))
     assert moved > 1e-4 and result["metrics"]["actor/grad_norm"] > 0.05  # it trained, and clipping acted
+
+
+@pytest.mark.slow
+def test_token_stats_under_fsdp2_pairs_up_ranks_that_score_different_rows(sharded, tiny_model_dir):
+    """Rank 0 scores 1 row then none, rank 1 3 rows then 1 (micro-batches of one row): the logprobs one unsharded
+    process computes (without the placeholder forwards, rank 1 would wait on a gather rank 0 never joins)."""
+    out, result = sharded
+    cfg = compose(learner_overrides(tiny_model_dir))
+    learner = Learner(cfg, build_plugins(cfg), make_accelerator(cfg))
+    batch = learner_batch(learner.pad_id)
+    for rank in range(result["world_size"]):
+        for rows, scored in zip(TOKEN_STATS_ROWS[rank], torch.load(out / f"token_stats_rank{rank}.pt")):
+            assert scored.shape == (len(rows), batch.response_ids.shape[1])
+            torch.testing.assert_close(scored, learner.token_stats(batch.select(rows)).logprobs, rtol=0, atol=ATOL)
 
 
 @pytest.mark.slow

@@ -371,9 +371,15 @@ class Learner:
 
     def token_stats(self, batch: RolloutBatch) -> PolicyOutputs:
         """Logprobs and entropies [B,T] of the batch under the current policy, one micro-batch at a time (CPU).
-        Sharded, every forward gathers parameters, so the ranks agree on the number of micro-batches."""
+        Sharded, every forward gathers parameters: every rank calls this together, and a rank with fewer
+        micro-batches (fewer or shorter rows, or none) runs placeholder forwards until the counts pair up."""
         sizes = self._micro_batch_sizes(self._tokens(batch, torch.arange(len(batch))), agree=self.sharded)
+        forwards = int(self.ranks.max(len(sizes))) if self.sharded else len(sizes)  # agreed before any gather
         parts = [self._logprobs(self.forward, batch.select(p)) for p in torch.arange(len(batch)).split(sizes)]
+        for _ in range(forwards - len(sizes)):
+            self._logprobs(self.forward, RolloutBatch.placeholder(self.pad_id))
+        if not parts:
+            return PolicyOutputs(torch.zeros(batch.response_ids.shape), torch.zeros(batch.response_ids.shape))
         return PolicyOutputs(torch.cat([p.logprobs.float().cpu() for p in parts]),
                              torch.cat([p.entropies.float().cpu() for p in parts]))
 
@@ -386,6 +392,6 @@ class Learner:
                 return batch.behavior_logprobs
             rows = rows[batch.off_context[rows]]
         old = batch.behavior_logprobs.clone()
-        if len(rows):
+        if len(rows) or self.sharded:  # sharded, a rank with no such rows still joins the others' forwards
             old[rows] = self.token_stats(batch.select(rows)).logprobs
         return old

@@ -83,8 +83,8 @@ def packed_shared_prompt_hidden(base_model: torch.nn.Module, prompt_ids: list[li
     # token 0 of a response is predicted by its prompt's last position, token t > 0 by body position t - 1
     first = out.last_hidden_state[0][(p_starts + prompt_len - 1)[group][rows].to(out.last_hidden_state.device)]
     body_len = (torch.as_tensor(lengths).long().cpu() - 1).clamp(min=0)
-    if not body_len.sum():
-        return first
+    if not body_len.sum():  # no second token anywhere: the first row's first token, computed and never read, so the
+        body_len[0] = 1     # second forward still runs (sharded ranks must pair up every parameter gather)
     b_seq, b_pos, b_starts = segments(body_len.tolist())
     b_pos = b_pos + prompt_len[group][b_seq]  # a body continues its prompt's positions
     body = torch.cat([response_ids[i, : int(n)].long().cpu() for i, n in enumerate(body_len)])

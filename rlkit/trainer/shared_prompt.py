@@ -32,9 +32,10 @@ def row_order(prompt_ids: list[list[int]], lengths: torch.Tensor, *, by_prompt: 
     return by_length[(-longest[group[by_length]]).argsort(stable=True)]  # stable: ties keep the length order
 
 
-def _right_padded(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """rows of 1-D long tensors -> ids [r,W] right-padded with pad_id, attention mask [r,W] (long)."""
-    width = max((len(r) for r in rows), default=0)
+def _right_padded(rows: list[torch.Tensor], pad_id: int, min_width: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """rows of 1-D long tensors -> ids [r,W] right-padded with pad_id, attention mask [r,W] (long);
+    W = the longest row, at least min_width."""
+    width = max([min_width, *(len(r) for r in rows)])
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
@@ -67,11 +68,11 @@ def shared_prompt_hidden(base_model: torch.nn.Module, prompt_ids: list[list[int]
     # token 0 of a response is predicted by its prompt's last position, token t > 0 by response position t - 1
     first = out.last_hidden_state[group.to(device), (prompt_len - 1)[group].to(device)]  # [b,d]
     lengths = torch.as_tensor(lengths).long().cpu()
-    width = int(lengths.max()) - 1 if len(lengths) else 0
-    if width <= 0:
-        return first[rows.to(device)]
     body = [response_ids[i, : max(int(n) - 1, 0)].long().cpu() for i, n in enumerate(lengths)]
-    body_ids, body_mask = _right_padded(body, pad_id)
+    # The second forward runs even when no response has a second token (one masked pad column, never read):
+    # sharded ranks must pair up every parameter gather, whatever their responses' lengths.
+    body_ids, body_mask = _right_padded(body, pad_id, min_width=1)
+    width = body_ids.shape[1]
     on_device = group.to(device)
     cache = DynamicCache(ddp_cache_data=[(layer.keys[on_device], layer.values[on_device])
                                          for layer in out.past_key_values.layers], config=base_model.config)
