@@ -34,6 +34,12 @@ GLOBAL_STATS = ["+recipe=dapo", "algorithm.reward_shaper=grpo_lambda"]
 # Weights moved by ~2.5e-3 in 4 steps at lr 1e-3; one and two processes differ only in the order fp32 sums
 # are taken (micro-batches per rank, then the all-reduce): measured 2.2e-7.
 ATOL = 1e-5
+# Except where Adam amplifies that order: it moves a weight by lr * m / (sqrt(v) + eps), about lr whatever the
+# gradient's size, but less where |gradient| is near eps (1e-8), and there a 1e-9 change in the sum changes the move
+# by up to ~10 % of lr. In CAPO's run (one step trains, then every token is rejected and Adam coasts on its moments)
+# one weight in 32768 lands there: 1.2e-5 apart, moved 1.28e-4 against 1.07e-3 for the median weight. Such stray
+# weights are counted, allowed up to STRAY_FRACTION of the elements, and bounded by STRAY_ATOL (a tenth of lr).
+STRAY_FRACTION, STRAY_ATOL = 1e-4, 1e-4
 
 
 def _free_port() -> int:
@@ -64,11 +70,14 @@ def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def _assert_same_training(one: Path, two: Path) -> None:
+def _assert_same_training(one: Path, two: Path, *, strays: bool = False) -> None:
+    """Same final weights (within ATOL; with `strays`, up to STRAY_FRACTION of them within STRAY_ATOL) and metrics."""
     a, b = load_file(one / "final" / "model.safetensors"), load_file(two / "final" / "model.safetensors")
     assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=0, atol=ATOL)
+    apart = {key: (b[key] - a[key]).abs() for key in a}
+    stray = sum(int((d > ATOL).sum()) for d in apart.values())
+    assert stray <= (STRAY_FRACTION * sum(d.numel() for d in apart.values()) if strays else 0), stray
+    assert max(float(d.max()) for d in apart.values()) <= (STRAY_ATOL if strays else ATOL)
     same = ("reward/mean", "reward/fresh_mean", "reward/trained_mean", "batch/samples_trained", "batch/sample_rounds",
             "rollout/generated_tokens", "actor/lr")
     close = ("actor/pg_loss", "actor/grad_norm", "actor/entropy", "rollout/logprob_gap_mean")
@@ -91,7 +100,7 @@ def runs(tmp_path_factory, tiny_model_dir):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["grpo", "global", "capo"])
 def test_two_processes_train_the_weights_of_one(runs, name):
-    _assert_same_training(runs / f"{name}_1", runs / f"{name}_2")
+    _assert_same_training(runs / f"{name}_1", runs / f"{name}_2", strays=name == "capo")
     if name == "capo":  # the direction model judged every rank's tokens alike and summed them
         for m1, m2 in zip(_metrics(runs / "capo_1"), _metrics(runs / "capo_2"), strict=True):
             assert [m2[k] for k in m1 if k.startswith("capo/")] == pytest.approx([m1[k] for k in m1 if k.startswith("capo/")])
@@ -118,7 +127,7 @@ def test_two_processes_with_token_budget_and_padding_free_train_the_weights_of_o
     process with fixed, padded micro-batches."""
     launch(runs, tiny_model_dir, "capo_levers_2", "+recipe=capo", "trainer.micro_batch_tokens=120",
            "trainer.padding_free=true", procs=2)
-    _assert_same_training(runs / "capo_1", runs / "capo_levers_2")
+    _assert_same_training(runs / "capo_1", runs / "capo_levers_2", strays=True)
 
 
 @pytest.mark.slow
