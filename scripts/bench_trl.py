@@ -1,7 +1,8 @@
 """One GRPO step, rlkit's `Trainer` vs TRL's `GRPOTrainer`, on the same model, prompts and batch.
 
     python scripts/bench_trl.py [--model DIR] [--prompts 8] [--n 8] [--max-tokens 128] [--steps 3] [--warmup 1]
-        [--micro-batch 16] [--force-full-length] [--trl-vllm] [--only rlkit|trl] [--out runs/bench_trl.json]
+        [--micro-batch 8] [--force-full-length] [--trl-vllm] [--shared-prompt on|off] [--padding-free]
+        [--micro-batch-tokens N] [--profile] [--only rlkit|trl] [--out runs/bench_trl.json]
 
 TRL is not an rlkit dependency. Install it next to rlkit without touching rlkit's pins (its own requirements,
 accelerate, datasets, transformers, ..., are already rlkit dependencies):
@@ -60,18 +61,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=128, help="max new tokens per sample")
     p.add_argument("--steps", type=int, default=3, help="measured steps per framework")
     p.add_argument("--warmup", type=int, default=1, help="warm-up steps before the measured ones")
-    p.add_argument("--micro-batch", type=int, default=16, help="sequences per forward/backward in both "
-                   "frameworks (capped at prompts*n; must divide it)")
+    p.add_argument("--micro-batch", type=int, default=8, help="sequences per forward/backward in both "
+                   "frameworks (capped at prompts*n; must divide it; 8: rlkit's default, and TRL's fastest here)")
     p.add_argument("--force-full-length", action="store_true",
                    help="suppress EOS so every response is exactly --max-tokens long in both frameworks")
     p.add_argument("--trl-vllm", action="store_true", help="TRL generates with colocated vLLM instead of "
                    "transformers generate")
-    p.add_argument("--shared-prompt", choices=("on", "off"), default="off", help="rlkit: "
-                   "trainer.shared_prompt_forward (each group's prompt runs once; off, rlkit's default)")
+    p.add_argument("--shared-prompt", choices=("on", "off"), default="on", help="rlkit: "
+                   "trainer.shared_prompt_forward (each group's prompt runs once; on, rlkit's default)")
     p.add_argument("--padding-free", action="store_true", help="rlkit: trainer.padding_free=true (a micro-batch's "
                    "sequences in one row, no padding)")
     p.add_argument("--micro-batch-tokens", type=int, default=None, help="rlkit: trainer.micro_batch_tokens=N "
                    "(micro-batches by prompt+response tokens instead of --micro-batch rows; default: off)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="rlkit: one more config "
+                   "override (repeatable), e.g. --set rollout.engine.options.enable_prefix_caching=false")
+    p.add_argument("--profile", action="store_true", help="rlkit: profile the last step's training (torch.profiler) "
+                   "and report where its time goes: matmuls, attention, the LM head's softmax, the rest")
     p.add_argument("--only", choices=FRAMEWORKS, default=None, help="run one framework in this process")
     p.add_argument("--out", default="runs/bench_trl.json", help="JSON results file")
     args = p.parse_args(argv)
@@ -125,6 +130,7 @@ def shared_config(args: argparse.Namespace, output_dir: str):
         "logging.run_name=bench",
         "logging.progress_bar=false",
         "logging.console_every=0",
+        *args.set,
     ])
     validate(cfg)
     return cfg
@@ -164,6 +170,87 @@ def peak_rss_gib() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+
+
+def rss_gib() -> float:
+    """Resident memory of this process now (GiB; Linux /proc)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 2**20
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+class RssByPhase:
+    """Peak resident memory (GiB) of this process in each phase of rlkit's step: a thread reads VmRSS every
+    `interval` seconds and charges it to the phase running, set by wrapping the trainer's collect (generate and
+    reward), the learner's update (train) and the weight push. A peak shorter than the interval can be missed;
+    the process's peak RSS (`peak_rss_gib`) is exact."""
+
+    def __init__(self, trainer, interval: float = 0.02):
+        import threading
+
+        self.phase, self.peaks, self.interval = "other", defaultdict(float), interval
+        self.stopped = threading.Event()
+        for owner, name, phase in ((trainer, "collect", "collect"), (trainer.learner, "update", "train"),
+                                   (trainer, "_push_weights", "weight_push")):
+            setattr(owner, name, self._charged(getattr(owner, name), phase))
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+
+    def _charged(self, method, phase: str):
+        def run(*args, **kwargs):
+            self.phase = phase
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self.phase = "other"
+        return run
+
+    def _sample(self) -> None:
+        while not self.stopped.wait(self.interval):
+            self.peaks[self.phase] = max(self.peaks[self.phase], rss_gib())
+
+    def stop(self) -> dict[str, float]:
+        self.stopped.set()
+        self.thread.join()
+        return dict(self.peaks)
+
+
+# torch ops by what they are, for --profile (self time, so an op that calls another is not counted twice)
+OP_KINDS = {"matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"),
+            "attention": ("scaled_dot_product", "flash_attention"),
+            "softmax (LM head, entropy)": ("softmax", "logsumexp", "aten::exp")}
+
+
+def time_by_op_kind(profile) -> dict[str, float]:
+    """Self CPU seconds of a torch.profiler run, summed by OP_KINDS (the rest: "other")."""
+    seconds = defaultdict(float)
+    for event in profile.key_averages():
+        kind = next((k for k, names in OP_KINDS.items() if any(n in event.key for n in names)), "other")
+        seconds[kind] += event.self_cpu_time_total / 1e6
+    return dict(seconds)
+
+
+def profiled(update, into: dict):
+    """`update` (the learner's) run under torch.profiler; its time by op kind lands in `into`."""
+    def run(batch):
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            out = update(batch)
+        into.update(time_by_op_kind(prof))
+        return out
+    return run
+
+
+def resident_parts_gib(trainer) -> dict[str, float]:
+    """What the trainer holds for the policy (GiB): its weights, their gradients' size, and AdamW's state."""
+    learner = trainer.learner
+    trained = [p for p in learner.model.parameters() if p.requires_grad]
+    state = [t for s in learner.optimizer.state.values() for t in s.values() if hasattr(t, "nbytes")]
+    return {"weights": sum(p.nbytes for p in learner.model.parameters()) / 2**30,
+            "gradients": sum(p.nbytes for p in trained) / 2**30,
+            "optimizer_state": sum(t.nbytes for t in state) / 2**30}
 
 
 def matmul_peak_gflops(size: int = 2048, seconds: float = 3.0) -> float:
@@ -216,16 +303,22 @@ def run_rlkit(args: argparse.Namespace) -> dict:
     records = []
     with tempfile.TemporaryDirectory(prefix="bench_rlkit_") as tmp:
         cfg = shared_config(args, tmp)
+        before_setup = rss_gib()
         tick = time.perf_counter()
         trainer = Trainer(cfg)
         setup_s = time.perf_counter() - tick
+        after_setup = rss_gib()
+        phases = RssByPhase(trainer)
         threads = torch.get_num_threads()  # after the engine started: what training runs with
         peak = matmul_peak_gflops()
         useful_flops = training_flops_per_token(trainer.learner.model)
         try:
             if args.force_full_length:
                 suppress_eos(trainer.engine)
+            profile: dict[str, float] = {}
             for step in range(args.warmup + args.steps):
+                if args.profile and step == args.warmup + args.steps - 1:
+                    trainer.learner.update = profiled(trainer.learner.update, profile)
                 m = trainer.train_step()
                 phases = {k: m[f"time/{k}"] for k in ("generate", "reward", "train", "weight_push")}
                 record = {"step_s": m["time/step"], "tokens": m["response/tokens"], **phases,
@@ -238,12 +331,14 @@ def run_rlkit(args: argparse.Namespace) -> dict:
                     record["train"] / 1e9
                 records.append(record)
                 _print_step("rlkit", step, args.warmup, record)
+            memory = {"before_setup": before_setup, "after_setup": after_setup, **resident_parts_gib(trainer),
+                      "peak_by_phase": phases.stop()}
         finally:
             trainer.close()
     summary = summarize(records, args.warmup)
     train_gflops = statistics.median(r["train_gflops"] for r in records[args.warmup:])
     return {"generation": "vLLM in-process", "setup_s": setup_s, "torch_threads": threads, "steps": records,
-            "peak_rss_gib": peak_rss_gib(), "matmul_peak_gflops": peak, "train_gflops": train_gflops,
+            "peak_rss_gib": peak_rss_gib(), "memory_gib": memory, **({"train_profile_s": profile} if profile else {}), "matmul_peak_gflops": peak, "train_gflops": train_gflops,
             "train_peak_frac": train_gflops / peak, **summary}
 
 
@@ -442,7 +537,7 @@ def settings(args: argparse.Namespace) -> dict:
         "model": args.model, "prompts": args.prompts, "n": args.n, "max_tokens": args.max_tokens,
         "steps": args.steps, "warmup": args.warmup, "micro_batch": args.micro_batch,
         "force_full_length": args.force_full_length, "trl_vllm": args.trl_vllm, "dtype": "float32",
-        "rlkit_levers": {"shared_prompt_forward": args.shared_prompt == "on", "padding_free": args.padding_free,
+        "rlkit_overrides": args.set, "rlkit_levers": {"shared_prompt_forward": args.shared_prompt == "on", "padding_free": args.padding_free,
                          "micro_batch_tokens": args.micro_batch_tokens},
         "temperature": 1.0, "kl": 0.0, "versions": versions, "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "device": "cuda" if torch.cuda.is_available() else "cpu",
@@ -471,6 +566,16 @@ def markdown(result: dict) -> str:
     row("training GFLOP/s (% of the matmul peak)", lambda r: f"{r['train_gflops']:.0f} "
         f"({100 * r['train_peak_frac']:.0f} % of {r['matmul_peak_gflops']:.0f})" if "train_gflops" in r else "")
     row("peak RSS of the process (GiB)", lambda r: f"{r['peak_rss_gib']:.2f}" if "peak_rss_gib" in r else "")
+    row("RSS by phase (GiB): before setup / after / peak in collect, train, push", lambda r: " / ".join(
+        f"{r['memory_gib'][k]:.2f}" for k in ("before_setup", "after_setup")) + ", " + ", ".join(
+        f"{r['memory_gib']['peak_by_phase'].get(k, 0.0):.2f}" for k in ("collect", "train", "weight_push"))
+        if "memory_gib" in r else "")
+    row("weights / gradients / AdamW state (GiB)", lambda r: " / ".join(
+        f"{r['memory_gib'][k]:.2f}" for k in ("weights", "gradients", "optimizer_state")) if "memory_gib" in r else "")
+    if any("train_profile_s" in result[n] for n in names):
+        row("last step's training by op kind (s, profiled)", lambda r: ", ".join(
+            f"{k} {v:.1f}" for k, v in sorted(r["train_profile_s"].items(), key=lambda kv: -kv[1]))
+            if "train_profile_s" in r else "")
     row("torch threads after setup", lambda r: str(r["torch_threads"]))
     if "ratio" in result:
         lines.append("")
@@ -499,6 +604,10 @@ def child_argv(args: argparse.Namespace, only: str, out: str) -> list[str]:
     argv += ["--shared-prompt", args.shared_prompt] + ["--padding-free"] * args.padding_free
     if args.micro_batch_tokens is not None:
         argv += ["--micro-batch-tokens", str(args.micro_batch_tokens)]
+    if args.profile:
+        argv.append("--profile")
+    for override in args.set:
+        argv += ["--set", override]
     return argv
 
 

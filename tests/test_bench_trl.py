@@ -42,16 +42,18 @@ def test_clip_range_reads_the_policy_loss_options(tiny_model_dir, tmp_path):
 def test_rlkit_levers_reach_the_config_and_the_child_processes(tiny_model_dir, tmp_path):
     bench = _script()
     cfg = _config(bench, tiny_model_dir, tmp_path)
-    assert (cfg.trainer.shared_prompt_forward, cfg.trainer.padding_free, cfg.trainer.micro_batch_tokens) == \
-        (False, False, None)  # rlkit's defaults
-    levers = ["--shared-prompt", "on", "--padding-free", "--micro-batch-tokens", "300"]
+    assert (cfg.trainer.shared_prompt_forward, cfg.trainer.padding_free, cfg.trainer.micro_batch_tokens,
+            cfg.trainer.micro_batch_size) == (True, False, None, 4)  # rlkit's defaults (8 rows, capped at 2 x 2)
+    levers = ["--shared-prompt", "off", "--padding-free", "--micro-batch-tokens", "300",
+              "--set", "rollout.engine.options.enable_prefix_caching=false", "--set", "trainer.logprob_chunk_tokens=64"]
     cfg = _config(bench, tiny_model_dir, tmp_path, *levers)
     assert (cfg.trainer.shared_prompt_forward, cfg.trainer.padding_free, cfg.trainer.micro_batch_tokens) == \
-        (True, True, 300)
+        (False, True, 300)
+    assert cfg.rollout.engine.options.enable_prefix_caching is False and cfg.trainer.logprob_chunk_tokens == 64
     args = bench.parse_args(["--model", str(tiny_model_dir), *levers])
-    child = bench.child_argv(args, "rlkit", "out.json")
-    assert bench.parse_args(child[2:]).micro_batch_tokens == 300 and "--padding-free" in child
-    assert child[child.index("--shared-prompt") + 1] == "on"
+    child = bench.parse_args(bench.child_argv(args, "rlkit", "out.json")[2:])
+    assert (child.micro_batch_tokens, child.padding_free, child.shared_prompt, child.set) == \
+        (300, True, "off", ["rollout.engine.options.enable_prefix_caching=false", "trainer.logprob_chunk_tokens=64"])
 
 
 @pytest.mark.slow
@@ -62,7 +64,7 @@ def test_bench_trl_runs_both_frameworks(tiny_model_dir, tmp_path):
     out = tmp_path / "bench.json"
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.run([sys.executable, str(SCRIPT), "--model", str(tiny_model_dir), "--prompts", "2", "--n", "2",
-                           "--max-tokens", "8", "--steps", "1", "--warmup", "0", "--force-full-length",
+                           "--max-tokens", "8", "--steps", "1", "--warmup", "0", "--force-full-length", "--profile",
                            "--out", str(out)], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -72,6 +74,11 @@ def test_bench_trl_runs_both_frameworks(tiny_model_dir, tmp_path):
         assert result[name]["peak_rss_gib"] > 0.1  # the whole process: torch alone is more
     assert result["ratio"]["step_time"] > 0
     assert result["rlkit"]["matmul_peak_gflops"] > 0 and result["rlkit"]["train_gflops"] > 0
+    memory = result["rlkit"]["memory_gib"]  # every phase sampled, none above the process's peak
+    assert set(memory["peak_by_phase"]) >= {"collect", "train"} and memory["after_setup"] > memory["before_setup"]
+    assert max(memory["peak_by_phase"].values()) <= result["rlkit"]["peak_rss_gib"] + 1e-6
+    assert memory["optimizer_state"] == pytest.approx(2 * memory["gradients"], rel=1e-3)  # AdamW: 2 moments a weight
     step = result["rlkit"]["steps"][0]  # 2 prompts, each once, and 2 x 2 responses of 8 tokens
     assert step["tokens_trained"] - step["tokens_trained_distinct"] == 2 * (step["tokens_trained"] - 32) / 4
+    assert result["rlkit"]["train_profile_s"]["matmul"] > 0 and "other" in result["rlkit"]["train_profile_s"]
     assert "TRL / rlkit step time" in proc.stdout
