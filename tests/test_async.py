@@ -166,6 +166,35 @@ def test_a_failing_producer_stops_the_learner():
         _train(trainer, 1, 1)
 
 
+# ---------------------------------------------------------------------- scripts/async_timeline.py
+def _timeline_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("async_timeline",
+                                                  Path(__file__).parent.parent / "scripts" / "async_timeline.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_timeline_phases_put_both_threads_on_one_axis(tmp_path):
+    timeline = _timeline_script()
+    step = {"time/step": 3.0, "time/generate": 1.0, "time/reward": 0.5, "time/train": 1.0, "time/weight_push": 0.25}
+    sync = [{"step": 1, **step}, {"step": 2, **step}]
+    assert timeline.phases(sync) == {"loop": [(1, "collect", 0.0, 1.5), (1, "train", 1.5, 1.0), (1, "push", 2.5, 0.25),
+                                              (2, "collect", 3.0, 1.5), (2, "train", 4.5, 1.0), (2, "push", 5.5, 0.25)]}
+    one = {"step": 1, **step, "time/produce_begin": 0.0, "time/produce_end": 1.5, "time/train_begin": 1.5,
+           "time/learner_wait_push": 0.5, "async/staleness_max": 0, "async/queue_depth": 0,
+           "time/learner_wait_data": 1.5, "time/producer_wait_weights": 0.0}
+    assert timeline.phases([one]) == {"producer": [(1, "collect", 0.0, 1.5)],
+                                      "learner": [(1, "train", 1.5, 1.0), (1, "push", 3.0, 0.25)]}
+    for name, rows in (("sync", sync), ("async", [one])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in rows))
+    timeline.main([str(tmp_path / "sync"), str(tmp_path / "async")], str(tmp_path / "t.png"))
+    assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
+
+
 # ---------------------------------------------------------------------- validation
 def _cfg(tiny_model_dir, *overrides):
     return compose([f"model.path={tiny_model_dir}", "rollout=vllm_server", "rollout.engine.options.urls=[http://x:1]",
@@ -236,12 +265,16 @@ def test_k1_with_a_slow_learner_trains_samples_one_version_old(running_server, t
     # the behaviour logprobs are the engine's (the older weights): the ratio and its clipping see the lag
     assert metrics[0]["rollout/logprob_gap_max"] < 1e-4 and metrics[0]["actor/clip_frac"] == 0
     assert all(m["rollout/logprob_gap_max"] > 1e-3 and m["actor/clip_frac"] > 0 for m in metrics[1:])
-    # scripts/async_timeline.py's smoke test: this run's timeline, one row a step, the waits and staleness in it
+    # scripts/async_timeline.py's smoke test: this run's timeline, one row a step, the waits and staleness in it,
+    # and its plot (a producer and a learner row)
+    png = tmp_path / "timeline.png"
     timeline = subprocess.run([sys.executable, str(Path(__file__).parent.parent / "scripts" / "async_timeline.py"),
-                               str(tmp_path / "async_slow_learner")], capture_output=True, text=True, check=True).stdout
+                               str(tmp_path / "async_slow_learner"), "--plot", str(png)],
+                              capture_output=True, text=True, check=True).stdout
     rows = [line.split() for line in timeline.splitlines() if line.strip()[:1].isdigit()]
     assert [int(r[0]) for r in rows] == [1, 2, 3, 4] and [r[-2] for r in rows] == ["0", "1", "1", "1"]
     assert "mean time/step over steps 2..4" in timeline
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.slow
