@@ -246,6 +246,8 @@ def validate(cfg: DictConfig) -> None:
     require(not (t.shared_prompt_forward and cfg.model.gradient_checkpointing), "trainer.shared_prompt_forward",
              "reads the prompts' KV cache, which gradient checkpointing drops in training",
              "set trainer.shared_prompt_forward=false or model.gradient_checkpointing=false")
+    require(t.async_schedule in ("eager", "fixed"), "trainer.async_schedule",
+             f"unknown schedule {t.async_schedule!r}", "use fixed (reproducible) or eager (docs/async.md)")
     require(t.old_logprobs in ("behavior", "recompute"), "trainer.old_logprobs",
              f"unknown value {t.old_logprobs!r}", "use behavior or recompute")
     require(t.old_logprobs == "recompute" or not recompute_users, "trainer.old_logprobs",

@@ -13,14 +13,21 @@ weights the engine holds while the learner thread trains; k = 0 never builds thi
 - The learner trains a batch only if `learner.version - policy_version <= k` for every sample in it; an older
   batch is dropped whole and counted (async/dropped_stale: samples), never trained. Under the bound above that
   cannot happen (a safety net, tested with forged stamps).
+- The schedule (`trainer.async_schedule`): `eager` samples batch i with whatever weights the engine holds once
+  the learner is done with batch i - k (any version from i - k to i, by thread timing); `fixed` also makes the
+  learner wait, before it pushes, until the producer has collected every batch the old weights must still
+  sample, so batch i is always sampled by the weights pushed after batch i - k - 1 (version max(0, i - k)).
 - State: the producer keeps its own data position, group numbering and token count; each batch carries them
   as they stood after it was drawn, and the trainer takes them over when it trains (or drops) the batch, so a
-  checkpoint holds the state of the last batch trained: batches in flight are drawn again on resume.
+  checkpoint holds the state of the last batch trained. Under `fixed` the checkpoint also holds the batches
+  collected and not yet trained (`in_flight`), handed to the learner first on resume; under `eager` they are
+  drawn again.
   Plug-ins that run in collect() (sampler, group filter, reward shaper) report their step metrics and state
   from the producer thread, with the batch; the others run in the learner thread only.
 """
 from __future__ import annotations
 
+import collections
 import copy
 import logging
 import queue
@@ -40,6 +47,7 @@ log = logging.getLogger("rlkit")
 
 # The plug-ins that run inside collect(): in the producer thread under trainer.max_staleness >= 1.
 PRODUCER_PLUGINS = ("algorithm.sampler", "algorithm.group_filter", "algorithm.reward_shaper")
+SCHEDULES = ("eager", "fixed")
 POLL_S = 0.1  # how often a waiting thread looks at the stop flag and the other thread's failure
 STOP_TIMEOUT_S = 900.0  # the longest stop() waits for the producer's batch in flight (requests time out first)
 
@@ -68,13 +76,23 @@ def staleness(learner_version: int, batch_versions: torch.Tensor) -> torch.Tenso
     return learner_version - batch_versions
 
 
+def collected_before_push(index: int, k: int) -> int:
+    """Fixed schedule: how many batches (indices 0 .. n-1) must be collected before the learner, done with batch
+    `index`, pushes its weights: the batches up to index + k, which the weights before the push must sample."""
+    return index + k + 1
+
+
 class AsyncRollouts:
     """The producer thread and the learner's side of the queue for one `Trainer.fit`."""
 
-    def __init__(self, trainer: Trainer, max_staleness: int):
+    def __init__(self, trainer: Trainer, max_staleness: int, schedule: str, carried: list[Produced] = ()):
+        """carried: batches a `fixed` checkpoint held in flight (`in_flight`), trained first; the producer goes on
+        after the last of them (its data position and producer plug-ins' state)."""
         if max_staleness < 1:
             raise ValueError(f"trainer.max_staleness: AsyncRollouts needs k >= 1, got {max_staleness}")
-        self.trainer, self.k = trainer, max_staleness
+        if schedule not in SCHEDULES:
+            raise ValueError(f"trainer.async_schedule: unknown schedule {schedule!r}. Fix: use one of {SCHEDULES}")
+        self.trainer, self.k, self.fixed = trainer, max_staleness, schedule == "fixed"
         self.queue: queue.Queue[Produced] = queue.Queue(maxsize=max_staleness)
         self.finished = trainer.next_batch  # batches the learner is done with (trained and pushed, or dropped)
         self.changed = threading.Condition()
@@ -84,6 +102,17 @@ class AsyncRollouts:
         self.consumed = {"next_group_id": trainer.next_group_id, "generated_tokens": trainer.generated_tokens,
                          "stream": trainer.stream.state_dict(), "next_batch": trainer.next_batch}
         self.consumed_plugins = self._plugin_state()
+        self.carried = collections.deque(carried)  # taken before the queue
+        self.in_flight = collections.deque(carried)  # collected, the learner not done with them (under `changed`)
+        self.start = dict(self.consumed)  # where the producer begins
+        if carried:
+            last = carried[-1]
+            self.start = last.after
+            trainer.stream.load_state_dict(last.after["stream"])
+            for key, state in last.plugin_state.items():
+                trainer.plugins[key].load_state_dict(copy.deepcopy(state))
+        self.collected = self.start["next_batch"]  # batches collected (indices below it)
+        self.training = self.finished  # the index of the batch the learner trains
         self.t0 = time.perf_counter()
         self.thread = threading.Thread(target=self._produce, name="rlkit-producer", daemon=True)
         self.thread.start()
@@ -91,7 +120,7 @@ class AsyncRollouts:
     # ------------------------------------------------------------------ producer thread
     def _produce(self) -> None:
         t = self.trainer
-        index, group_id, tokens = t.next_batch, t.next_group_id, t.generated_tokens
+        index, group_id, tokens = self.start["next_batch"], self.start["next_group_id"], self.start["generated_tokens"]
         try:
             while True:
                 tick = time.perf_counter()
@@ -113,6 +142,10 @@ class AsyncRollouts:
                          "next_batch": index}
                 item = Produced(index - 1, version, collected, after, self._plugin_state(), metrics, waited, began,
                                 ended)
+                with self.changed:  # collected: a fixed-schedule learner may push; a checkpoint holds it
+                    self.in_flight.append(item)
+                    self.collected = index
+                    self.changed.notify_all()
                 while not self._put(item):
                     if self.stopping.is_set():
                         return
@@ -125,11 +158,13 @@ class AsyncRollouts:
 
     def _wait_for_room(self, index: int) -> bool:
         """Wait until batch `index` may start: the learner is done with batch index - k (the staleness bound) and
-        the batches already drawn do not cover the steps left. False once stop() was called."""
+        the batches already drawn do not cover the steps left (under `fixed`: plus the k batches after the last
+        step, which the last push waits for and the final checkpoint holds). False once stop() was called."""
         t = self.trainer
+        ahead = self.k if self.fixed else 0
         with self.changed:
             while not self.stopping.is_set():
-                needed = t.cfg.trainer.total_steps - t.step
+                needed = t.cfg.trainer.total_steps - t.step + ahead
                 if self.finished >= index - self.k and index - self.finished < needed:
                     return True
                 self.changed.wait(POLL_S)
@@ -165,6 +200,7 @@ class AsyncRollouts:
         waited = time.perf_counter() - start
         t.next_group_id, t.generated_tokens = item.after["next_group_id"], item.after["generated_tokens"]
         t.next_batch = item.after["next_batch"]
+        self.training = item.index
         age = float(learner.version - item.version)
         produced = {
             **item.metrics,
@@ -185,20 +221,38 @@ class AsyncRollouts:
         self._finish(item)
         return metrics
 
+    def before_push(self) -> float:
+        """Called by the learner before it pushes the weights of the batch it trained; under `fixed` it waits until
+        the producer has collected every batch the current weights must still sample. Seconds waited."""
+        if not self.fixed:
+            return 0.0
+        tick, needed = time.perf_counter(), collected_before_push(self.training, self.k)
+        with self.changed:
+            while self.collected < needed:
+                self._check_producer("the learner waits to push")
+                self.changed.wait(POLL_S)
+        return time.perf_counter() - tick
+
     def _take(self) -> Produced:
+        if self.carried:
+            return self.carried.popleft()
         while True:
             try:
                 return self.queue.get(timeout=POLL_S)
             except queue.Empty:
-                if self.error is not None:
-                    raise RuntimeError(f"the rollout producer failed: {self.error!r}") from self.error
-                if not self.thread.is_alive():
-                    raise RuntimeError("the rollout producer stopped while the learner waits for a batch")
+                self._check_producer("the learner waits for a batch")
+
+    def _check_producer(self, waiting: str) -> None:
+        if self.error is not None:
+            raise RuntimeError(f"the rollout producer failed: {self.error!r}") from self.error
+        if not self.thread.is_alive():
+            raise RuntimeError(f"the rollout producer stopped while {waiting}")
 
     def _finish(self, item: Produced) -> None:
         """The learner is done with `item`: its state becomes the checkpoint's; the producer may go on."""
         self.consumed, self.consumed_plugins = item.after, item.plugin_state
         with self.changed:
+            self.in_flight.popleft()
             self.finished += 1
             self.changed.notify_all()
 
@@ -209,9 +263,15 @@ class AsyncRollouts:
                  "stream": c["stream"], "next_batch": c["next_batch"]}
         return state, {**plugin_state, **self.consumed_plugins}
 
+    def checkpoint_in_flight(self) -> list[Produced]:
+        """Under `fixed`: the batches collected and not yet trained, in order (a resume trains them first; the
+        producer's state after the last of them is in it). Under `eager`: none (drawn again on resume)."""
+        with self.changed:
+            return list(self.in_flight) if self.fixed else []
+
     def stop(self) -> None:
         """Stop the producer: a batch being collected finishes (no request is left in flight), the queue's
-        batches are dropped (drawn again on resume). Bounded by the engine's request timeouts."""
+        batches are dropped (kept in `in_flight` for a `fixed` checkpoint). Bounded by the engine's request timeouts."""
         self.stopping.set()
         with self.changed:
             self.changed.notify_all()

@@ -15,20 +15,22 @@ from rlkit.errors import ConfigError
 from rlkit.ranks import Ranks
 
 STATE_FILE = "trainer_state.json"
+IN_FLIGHT_FILE = "in_flight.pt"  # async, fixed schedule: batches collected and not yet trained
 TEMP_PREFIX = ".step_"  # step_N is written as .step_N.<random> and renamed when complete
 
 log = logging.getLogger("rlkit")
 
 
 def save_checkpoint(root: Path, step: int, *, learner, ranks: Ranks = Ranks(), save_optimizer: bool, state: dict,
-                    plugin_state: dict, keep_last: int) -> Path:
+                    plugin_state: dict, keep_last: int, in_flight: dict | None = None) -> Path:
     """Write step_N through a temp dir + rename, so a crash never leaves a half checkpoint; prune old ones.
 
     learner: a `rlkit.trainer.learner.Learner` (its HF model and tokenizer, optimizer, scheduler, version).
     save_optimizer: False leaves the optimizer state out (AdamW's is twice the model's size); a resume then
     restarts it. state: JSON-able trainer state; plugin_state: config key -> state_dict of each stateful plug-in.
     Every rank calls it: the RNG states of all ranks (and a sharded learner's state) are gathered and rank 0 writes;
-    the others wait for it.
+    the others wait for it. in_flight: {"max_staleness", "batches": [AsyncRollouts' Produced]} of an async run
+    (batches collected and not yet trained: token ids, logprobs, rewards, the producer's state after each), or None.
     """
     rng = ranks.gather({"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()})
     final = root / f"step_{step}"
@@ -40,6 +42,8 @@ def save_checkpoint(root: Path, step: int, *, learner, ranks: Ranks = Ranks(), s
     learner_state = learner.state_dict(optimizer=save_optimizer)
     if ranks.is_main:
         torch.save({**learner_state, "rng": rng, "plugins": plugin_state}, tmp / "optim.pt")
+        if in_flight is not None:
+            torch.save(in_flight, tmp / IN_FLIGHT_FILE)
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, "world_size": ranks.world_size, **state}, indent=1))
         if final.exists():
             shutil.rmtree(final)
@@ -98,3 +102,9 @@ def load_checkpoint(path: Path, *, learner, ranks: Ranks = Ranks()) -> tuple[dic
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
     return state, blob["plugins"]
+
+
+def load_in_flight(path: Path) -> dict | None:
+    """The batches in flight a checkpoint holds ({"max_staleness", "batches"}), or None (none were saved)."""
+    file = path / IN_FLIGHT_FILE
+    return torch.load(file, weights_only=False) if file.is_file() else None

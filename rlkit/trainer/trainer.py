@@ -25,7 +25,7 @@ from rlkit.reward.scorer import make_scorer
 from rlkit.rollout import SamplingConfig, make_engine
 from rlkit.sampling import Collected, SamplerContext, collect
 from rlkit.trainer.async_rollouts import PRODUCER_PLUGINS, AsyncRollouts
-from rlkit.trainer.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from rlkit.trainer.checkpoint import list_checkpoints, load_checkpoint, load_in_flight, save_checkpoint
 from rlkit.trainer.interrupt import StopRequest
 from rlkit.trainer.metrics import MetricsLogger, pick_samples, reward_views, rollout_metrics, step_metrics
 from rlkit.errors import ConfigError
@@ -66,6 +66,7 @@ class Trainer:
         self.rollouts: AsyncRollouts | None = None
         self.engine_lock = threading.Lock()
         self.next_batch = 0  # async: the index (sampling seed) of the first batch the producer draws
+        self.carried = []  # async, fixed schedule: the resumed checkpoint's batches in flight, trained first
         self.engine_version = 0  # the learner version whose weights the engine holds (the initial ones until a push)
         self.stopped_by: int | None = None  # the signal that ended fit() early, if any
         if not self._resume() and getattr(self.engine, "push_at_start", False):
@@ -108,7 +109,7 @@ class Trainer:
                 if self.step == 0 and t.eval_every:
                     self.ranks.barrier()
                 if t.max_staleness:
-                    self.rollouts = AsyncRollouts(self, t.max_staleness)
+                    self.rollouts = AsyncRollouts(self, t.max_staleness, t.async_schedule, self.carried)
                 while self.step < t.total_steps and not self.budget_spent() and not self._stop_requested(stop):
                     metrics = self.train_step()
                     bar.update(1)
@@ -176,6 +177,8 @@ class Trainer:
         metrics.update(self.learner.update(batch))
         self.engine.wake()
         train_s = time.perf_counter() - tick
+        if self.rollouts is not None:  # async, fixed schedule: the old weights' last batches are collected first
+            metrics["time/learner_wait_push"] = self.rollouts.before_push()
         tick = time.perf_counter()
         with self.engine_lock:  # async: between the producer's batches
             self._push_weights()
@@ -269,19 +272,36 @@ class Trainer:
         for key, plugin in self.plugins.items():
             if plugin.stateful:
                 plugin.load_state_dict(plugin_state[key])
+        self.carried = self._carried(path)
         self._push_weights()
         log.info("resumed from %s at step %d", path, self.step)
         return True
+
+    def _carried(self, path: Path) -> list:
+        """The batches in flight that `path` holds (a fixed-schedule async run), if this run can train them: the
+        same trainer.max_staleness and the fixed schedule. Otherwise none: they are drawn again, with a warning."""
+        in_flight, t = load_in_flight(path), self.cfg.trainer
+        if not in_flight or not in_flight["batches"]:
+            return []
+        if t.max_staleness == in_flight["max_staleness"] and t.async_schedule == "fixed":
+            return in_flight["batches"]
+        log.warning("resume: %s holds %d batch(es) in flight, collected under trainer.max_staleness=%d with the "
+                    "fixed schedule; this run (max_staleness=%d, async_schedule=%s) draws them again with the "
+                    "checkpoint's weights, so it does not continue exactly as the saved run would have",
+                    path, len(in_flight["batches"]), in_flight["max_staleness"], t.max_staleness, t.async_schedule)
+        return []
 
     def save(self) -> Path:
         state = {"next_group_id": self.next_group_id, "generated_tokens": self.generated_tokens,
                  "stream": self.stream.state_dict()}
         plugin_state = {key: p.state_dict() for key, p in self.plugins.items() if p.stateful}
-        if self.rollouts is not None:  # as of the last trained batch: batches in flight are drawn again on resume
+        in_flight = None
+        if self.rollouts is not None:  # as of the last trained batch; `fixed` keeps the batches in flight too
             state, plugin_state = self.rollouts.checkpoint_state(state, plugin_state)
+            in_flight = {"max_staleness": self.rollouts.k, "batches": self.rollouts.checkpoint_in_flight()}
         return save_checkpoint(self.run_dir / "checkpoints", self.step, learner=self.learner, ranks=self.ranks,
                                save_optimizer=self.cfg.trainer.save_optimizer, state=state,
-                               plugin_state=plugin_state, keep_last=self.cfg.trainer.keep_last)
+                               plugin_state=plugin_state, keep_last=self.cfg.trainer.keep_last, in_flight=in_flight)
 
     def export(self, out: Path) -> None:
         self.learner.export(out if self.ranks.is_main else None)  # every rank: a sharded learner gathers
