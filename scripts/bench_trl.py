@@ -308,7 +308,7 @@ def run_rlkit(args: argparse.Namespace) -> dict:
         trainer = Trainer(cfg)
         setup_s = time.perf_counter() - tick
         after_setup = rss_gib()
-        phases = RssByPhase(trainer)
+        rss = RssByPhase(trainer)
         threads = torch.get_num_threads()  # after the engine started: what training runs with
         peak = matmul_peak_gflops()
         useful_flops = training_flops_per_token(trainer.learner.model)
@@ -332,7 +332,7 @@ def run_rlkit(args: argparse.Namespace) -> dict:
                 records.append(record)
                 _print_step("rlkit", step, args.warmup, record)
             memory = {"before_setup": before_setup, "after_setup": after_setup, **resident_parts_gib(trainer),
-                      "peak_by_phase": phases.stop()}
+                      "peak_by_phase": rss.stop()}
         finally:
             trainer.close()
     summary = summarize(records, args.warmup)

@@ -74,9 +74,10 @@ def test_bench_trl_runs_both_frameworks(tiny_model_dir, tmp_path):
         assert result[name]["peak_rss_gib"] > 0.1  # the whole process: torch alone is more
     assert result["ratio"]["step_time"] > 0
     assert result["rlkit"]["matmul_peak_gflops"] > 0 and result["rlkit"]["train_gflops"] > 0
-    memory = result["rlkit"]["memory_gib"]  # every phase sampled, none above the process's peak
+    # every phase sampled, none above the process's peak (within 1 %: the kernel's high-water mark lags VmRSS)
+    memory = result["rlkit"]["memory_gib"]
     assert set(memory["peak_by_phase"]) >= {"collect", "train"} and memory["after_setup"] > memory["before_setup"]
-    assert max(memory["peak_by_phase"].values()) <= result["rlkit"]["peak_rss_gib"] + 1e-6
+    assert max(memory["peak_by_phase"].values()) <= 1.01 * result["rlkit"]["peak_rss_gib"]
     assert memory["optimizer_state"] == pytest.approx(2 * memory["gradients"], rel=1e-3)  # AdamW: 2 moments a weight
     step = result["rlkit"]["steps"][0]  # 2 prompts, each once, and 2 x 2 responses of 8 tokens
     assert step["tokens_trained"] - step["tokens_trained_distinct"] == 2 * (step["tokens_trained"] - 32) / 4
