@@ -74,6 +74,7 @@ RANGES: dict[str, Range] = {
     "rollout.max_tokens": COUNT,
     "rollout.engine.options.max_model_len": COUNT, "rollout.engine.options.seed": SEED,
     "rollout.engine.options.gpu_memory_utilization": FRACTION,
+    "rollout.engine.options.kv_cache_gib": Range(0, low_open=True, null=True),
     "rollout.engine.options.port": Range(1, 65535, integer=True, null=True),
     "rollout.engine.options.timeout_s": POSITIVE, "rollout.engine.options.start_timeout_s": POSITIVE,
     "rollout.engine.options.max_concurrency": COUNT,

@@ -9,6 +9,9 @@ import torch
 from rlkit.rollout.base import Completion, SamplingConfig
 
 
+CPU_KV_CACHE_GIB = 1.0  # the KV cache on CPU unless rollout.engine.options.kv_cache_gib says otherwise
+
+
 def _configure_vllm_env(cpu_threads: str | None) -> None:
     """Environment vLLM reads at import/start; set before vllm is imported."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in this process
@@ -16,7 +19,6 @@ def _configure_vllm_env(cpu_threads: str | None) -> None:
         # rlkit routes vLLM's records (rlkit.logs); vLLM would replace that with its own stdout handler.
         os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
     if not torch.cuda.is_available():
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM otherwise reserves ~17 GiB
         # vLLM pins its worker to one core by default; bind every core we have.
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_threads or f"0-{os.cpu_count() - 1}")
 
@@ -39,7 +41,10 @@ class VLLMEngine:
         enable_sleep_mode: bool = False,
         seed: int = 0,
         cpu_threads: str | None = None,
+        kv_cache_gib: float | None = None,
     ):
+        """kv_cache_gib (CPU): the KV cache's size, allocated and zeroed at start, so resident for the whole run
+        (None: VLLM_CPU_KVCACHE_SPACE if set, else CPU_KV_CACHE_GIB; vLLM alone would take most of the free memory)."""
         _configure_vllm_env(cpu_threads)
         from vllm import LLM
         from vllm.config import WeightTransferConfig
@@ -55,6 +60,9 @@ class VLLMEngine:
             # (vLLM 0.32: "CPU Generator does not use offset"): prefill whole prompts instead.
             kwargs["enable_chunked_prefill"] = False
             kwargs["max_num_batched_tokens"] = max(max_model_len, 8192)
+            if kv_cache_gib is not None or "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+                os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # whole GiB only, and it would override the key
+                kwargs["kv_cache_memory_bytes"] = int((kv_cache_gib or CPU_KV_CACHE_GIB) * 2**30)
         self.llm = LLM(
             model=model_path,
             dtype=dtype,
