@@ -8,6 +8,7 @@ from rlkit.algorithms.plugins import TOKEN_MASKS
 from rlkit.config import compose
 from rlkit.trainer.learner import Learner
 from rlkit.trainer.logprobs import pack_inputs, policy_logprobs
+from rlkit.trainer.micro_batches import row_tokens
 from rlkit.trainer.trainer import Trainer
 
 
@@ -169,11 +170,11 @@ def test_token_budget_gives_the_same_step_within_budget(trainer_and_batch, rows)
     """trainer.micro_batch_tokens: micro-batches of at most `budget` prompt+response tokens (a longer row alone,
     budget 1: every row alone), and the gradient of fixed micro-batches."""
     trainer, batch = trainer_and_batch
-    budget = max(1, int(rows * max(Learner._tokens(batch, torch.arange(len(batch))))))
+    budget = max(1, int(rows * max(row_tokens(batch.prompt_ids, batch.lengths, torch.arange(len(batch))))))
     trainer.cfg.algorithm.loss.agg = "seq-mean-token-mean"
     learner, seen = trainer.learner, []
     micro_loss = learner._micro_loss
-    learner._micro_loss = lambda part, *a: seen.append(Learner._tokens(part, torch.arange(len(part)))) or micro_loss(part, *a)
+    learner._micro_loss = lambda part, *a: seen.append(row_tokens(part.prompt_ids, part.lengths, torch.arange(len(part)))) or micro_loss(part, *a)
     try:
         whole = _gradients(trainer, batch, len(batch))
         seen.clear()

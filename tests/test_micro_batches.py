@@ -2,8 +2,11 @@
 import pytest
 from omegaconf import OmegaConf
 
+import torch
+
+from rlkit.ranks import Ranks
 from rlkit.trainer.learner import Learner
-from rlkit.trainer.micro_batches import micro_batch_sizes, split_to
+from rlkit.trainer.micro_batches import micro_batch_sizes, rank_share, row_tokens, split_to
 
 
 def test_fixed_rows():
@@ -43,3 +46,17 @@ def test_every_rank_runs_as_many_micro_batches_as_the_one_needing_most(most):
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
     assert all(sum(tokens[s : s + n]) <= 10 for s, n in zip(starts, sizes))
     assert learner._micro_batch_sizes(tokens, agree=False) == [2, 3]
+
+
+def test_rank_share_deals_rows_by_length_round_robin_and_pads_a_short_share():
+    """5 rows of 1+4, 2+1, 1+2, 1+3, 2+2 prompt+response tokens: by length (ties in row order) 0 (5), 3 (4),
+    4 (4), 1 (3), 2 (3); rank 0 takes 0, 4, 2 and rank 1 takes 3, 1 plus a copy of row 0 that carries no loss."""
+    prompts, lengths = [[1], [1, 2], [1], [1], [1, 2]], torch.tensor([4, 1, 2, 3, 2])
+    rows = torch.arange(5)
+    assert [t.tolist() for t in rank_share(prompts, lengths, rows, Ranks(0, 2), by_prompt=False)] == \
+        [[0, 4, 2], [1.0, 1.0, 1.0]]
+    assert [t.tolist() for t in rank_share(prompts, lengths, rows, Ranks(1, 2), by_prompt=False)] == \
+        [[3, 1, 0], [1.0, 1.0, 0.0]]
+    # by prompt: [1] rows (0, 3, 2) stay together, then the [1, 2] rows (4, 1)
+    assert rank_share(prompts, lengths, rows, Ranks(), by_prompt=True)[0].tolist() == [0, 3, 2, 4, 1]
+    assert row_tokens(prompts, lengths, torch.tensor([1, 0])) == [3, 5]

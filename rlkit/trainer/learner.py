@@ -29,9 +29,8 @@ from rlkit.ranks import Ranks
 from rlkit.registry import Plugin
 from rlkit.trainer import lora
 from rlkit.trainer.metrics import UpdateStats
-from rlkit.trainer.micro_batches import micro_batch_sizes, split_to
+from rlkit.trainer.micro_batches import micro_batch_sizes, rank_share, row_tokens, split_to
 from rlkit.trainer.setup import load_policy
-from rlkit.trainer.shared_prompt import row_order
 from rlkit.trainer.sharding import (clip_grad_norm, full_model_state, full_optimizer_state, full_weights,
                                     load_full_model_state, load_full_optimizer_state)
 
@@ -163,7 +162,8 @@ class Learner:
             return {}
         t = self.cfg.trainer
         generator = torch.Generator().manual_seed(self.cfg.seed * SEED_MIX + self.version)
-        plan = [[self._share(batch, mini) for mini in torch.randperm(len(batch), generator=generator).chunk(t.mini_batches)]
+        plan = [[rank_share(batch.prompt_ids, batch.lengths, mini, self.ranks, by_prompt=t.shared_prompt_forward)
+                 for mini in torch.randperm(len(batch), generator=generator).chunk(t.mini_batches)]
                 for _ in range(t.ppo_epochs)]
         old_logprobs = self._old_logprobs(batch, torch.cat([rows for epoch in plan for rows, _ in epoch]).unique())
         stats = UpdateStats()
@@ -175,7 +175,7 @@ class Learner:
                 mini_rows = rows[live.bool()]
                 entropy_scale = self._entropy_normalizer(batch.response_mask[mini_rows],
                                                          None if kept is None else kept[mini_rows])
-                sizes = self._micro_batch_sizes(self._tokens(batch, rows), agree=True)
+                sizes = self._micro_batch_sizes(row_tokens(batch.prompt_ids, batch.lengths, rows), agree=True)
                 for micro, micro_live in zip(rows.split(sizes), live.split(sizes)):
                     part = batch.select(micro)
                     part.response_mask = part.response_mask * micro_live[:, None]  # padding rows carry no loss
@@ -196,26 +196,6 @@ class Learner:
             result["actor/policy_shift_k3"] = self._policy_shift(batch.select(mine), old_logprobs[mine])
         self.version += 1
         return result
-
-    def _share(self, batch: RolloutBatch, mini: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's rows of a mini-batch [m] and whether each is live [s] (0: padding that carries no loss).
-
-        Rows are sorted by length (similar lengths share a micro-batch; with trainer.shared_prompt_forward rows of
-        one prompt stay adjacent) and dealt round-robin, so ranks get similar token counts; every rank gets
-        ceil(m / world_size) rows, a short share padded with copies.
-        """
-        prompts = [batch.prompt_ids[i] for i in mini]
-        lengths = torch.tensor([len(p) for p in prompts]) + batch.lengths[mini]
-        mini = mini[row_order(prompts, lengths, by_prompt=self.cfg.trainer.shared_prompt_forward)]
-        mine = mini[self.rank :: self.world_size]
-        pad = -(-len(mini) // self.world_size) - len(mine)
-        live = torch.cat([torch.ones(len(mine)), torch.zeros(pad)])
-        return torch.cat([mine, mini[:pad]]), live
-
-    @staticmethod
-    def _tokens(batch: RolloutBatch, rows: torch.Tensor) -> list[int]:
-        """Prompt+response tokens the forward reads of each of `rows` [s]."""
-        return [len(batch.prompt_ids[i]) + int(batch.lengths[i]) for i in rows]
 
     def _micro_batch_sizes(self, tokens: list[int], *, agree: bool) -> list[int]:
         """Row counts of the consecutive micro-batches over rows of `tokens` tokens each (trainer.micro_batch_size
@@ -373,7 +353,8 @@ class Learner:
         """Logprobs and entropies [B,T] of the batch under the current policy, one micro-batch at a time (CPU).
         Sharded, every forward gathers parameters: every rank calls this together, and a rank with fewer
         micro-batches (fewer or shorter rows, or none) runs placeholder forwards until the counts pair up."""
-        sizes = self._micro_batch_sizes(self._tokens(batch, torch.arange(len(batch))), agree=self.sharded)
+        sizes = self._micro_batch_sizes(row_tokens(batch.prompt_ids, batch.lengths, torch.arange(len(batch))),
+                                        agree=self.sharded)
         forwards = int(self.ranks.max(len(sizes))) if self.sharded else len(sizes)  # agreed before any gather
         parts = [self._logprobs(self.forward, batch.select(p)) for p in torch.arange(len(batch)).split(sizes)]
         for _ in range(forwards - len(sizes)):

@@ -1,12 +1,41 @@
-"""How a rank's rows split into micro-batches: a fixed number of rows each, or as many as fit a token budget.
+"""How a mini-batch's rows are dealt to ranks, and how a rank's rows split into micro-batches: a fixed number of
+rows each, or as many as fit a token budget.
 
-A micro-batch is a run of consecutive rows (the Learner sorts a share by length first, so similar lengths share
+A micro-batch is a run of consecutive rows (`rank_share` sorts a share by length first, so similar lengths share
 one). With a budget (trainer.micro_batch_tokens) memory is bounded by tokens, not rows, and short rows make
 large micro-batches. Ranks may need different numbers under a budget; `split_to` splits a rank's micro-batches
 further until it has as many as the rank that needs the most, since every rank must run the same forwards and
 backwards. Any split gives the same step (the loss is normalised once per mini-batch).
 """
 from __future__ import annotations
+
+import torch
+
+from rlkit.ranks import Ranks
+from rlkit.trainer.shared_prompt import row_order
+
+
+def rank_share(prompt_ids: list[list[int]], lengths: torch.Tensor, mini: torch.Tensor, ranks: Ranks, *,
+               by_prompt: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's rows of a mini-batch `mini` [m] (indices into the batch; prompt_ids [B], lengths [B]: response
+    tokens) and whether each is live [s] (0: padding that carries no loss).
+
+    Rows are sorted by prompt+response length (similar lengths share a micro-batch; `by_prompt`, for the
+    shared-prompt forward: rows of one prompt stay adjacent) and dealt round-robin, so ranks get similar token
+    counts; every rank gets ceil(m / world_size) rows, a short share padded with copies.
+    """
+    prompts = [prompt_ids[i] for i in mini]
+    total = torch.tensor([len(p) for p in prompts], dtype=torch.long) + lengths[mini]
+    mini = mini[row_order(prompts, total, by_prompt=by_prompt)]
+    mine = mini[ranks.rank :: ranks.world_size]
+    pad = -(-len(mini) // ranks.world_size) - len(mine)
+    live = torch.cat([torch.ones(len(mine)), torch.zeros(pad)])
+    return torch.cat([mine, mini[:pad]]), live
+
+
+def row_tokens(prompt_ids: list[list[int]], lengths: torch.Tensor, rows: torch.Tensor) -> list[int]:
+    """Prompt+response tokens the forward reads of each of `rows` [s] (lengths [B]: response tokens)."""
+    return [len(prompt_ids[i]) + int(lengths[i]) for i in rows]
 
 
 def micro_batch_sizes(tokens: list[int], *, rows: int, budget: int | None) -> list[int]:
