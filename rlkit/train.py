@@ -96,7 +96,7 @@ def help_text(config_dir: Path = Path(CONFIG_DIR), recipe_dir: Path = ROOT / "re
         "advantages, updates the policy and pushes the new weights into the engine.",
         "",
         "The default job (no overrides): 40 steps (trainer.total_steps) of SmolLM2-135M on 2-term arithmetic.",
-        "Measured on a 2-core CPU: about 25 minutes of steps, a peak RSS of about 10 GiB, and 3.8 GB on disk at",
+        "Measured on a 2-core CPU: about 25 minutes of steps, a peak RSS of about 7.5 GiB, and 3.8 GB on disk at",
         "the end (two checkpoints of 1.62 GB and final/; docs/default_run.md). trainer.total_steps=N for fewer.",
         "",
         "usage: python -m rlkit.train [+recipe=NAME] [GROUP=CHOICE ...] [KEY=VALUE ...]",
