@@ -21,6 +21,7 @@ from rlkit.errors import ConfigError
 from rlkit.rollout.server_launch import free_port
 from rlkit.trainer.async_rollouts import PRODUCER_PLUGINS, AsyncRollouts, collected_before_push
 from rlkit.trainer.trainer import Trainer
+from scripts_dir import load_script
 from test_server_runs import COMMON, SERVER, _group_alive, _server_group, running_server  # noqa: F401 (fixture)
 from test_trainer_e2e import TINY, run
 
@@ -168,13 +169,7 @@ def test_a_failing_producer_stops_the_learner():
 
 # ---------------------------------------------------------------------- scripts/async_timeline.py
 def _timeline_script():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("async_timeline",
-                                                  Path(__file__).parent.parent / "scripts" / "async_timeline.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("async_timeline")
 
 
 def test_timeline_phases_put_both_threads_on_one_axis(tmp_path):

@@ -1,5 +1,4 @@
 """scripts/bench_scaling.py (docs/benchmarks.md, "How cost grows"): its grid and a one-point run on the tiny model."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -8,15 +7,14 @@ from pathlib import Path
 
 import pytest
 
+from scripts_dir import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "bench_scaling.py"
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("bench_scaling", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_scaling")
 
 
 def test_the_grid_varies_one_dimension_at_a_time_around_the_base():

@@ -9,15 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from scripts_dir import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "bench_trl.py"
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("bench_trl", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_trl")
 
 
 def _config(bench, tiny_model_dir, tmp_path, *extra):
