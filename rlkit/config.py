@@ -248,6 +248,8 @@ def validate(cfg: DictConfig) -> None:
              "set trainer.shared_prompt_forward=false or model.gradient_checkpointing=false")
     require(t.async_schedule in ("eager", "fixed"), "trainer.async_schedule",
              f"unknown schedule {t.async_schedule!r}", "use fixed (reproducible) or eager (docs/async.md)")
+    require(t.logprob_head_recompute in ("auto", "always", "never"), "trainer.logprob_head_recompute",
+             f"unknown value {t.logprob_head_recompute!r}", "use auto, always or never")
     require(t.old_logprobs in ("behavior", "recompute"), "trainer.old_logprobs",
              f"unknown value {t.old_logprobs!r}", "use behavior or recompute")
     require(t.old_logprobs == "recompute" or not recompute_users, "trainer.old_logprobs",

@@ -68,6 +68,7 @@ def test_every_config_key_is_commented():
         (["rollout.temperature=0"], "rollout.temperature", "1.0"),
         (["trainer.micro_batch_tokens=0"], "trainer.micro_batch_tokens", "an integer >= 1 or null"),
         (["trainer.resume=/no/such/dir"], "trainer.resume", "step_N"),
+        (["trainer.logprob_head_recompute=sometimes"], "trainer.logprob_head_recompute", "auto, always or never"),
         (["+recipe=opo", "algorithm.loss.entropy_coef=0.01"], "algorithm.loss.entropy_coef",
          "entropy_coef=0, or set algorithm.allow_off_policy=true"),
     ],

@@ -58,6 +58,33 @@ def test_policy_logprobs_match_naive(tiny_model_dir, temperature, chunk):
     torch.testing.assert_close(grads, naive_grads, rtol=1e-4, atol=1e-5)
 
 
+
+@pytest.mark.parametrize("chunk", [3, 1024])
+def test_head_recompute_gives_the_same_logprobs_and_gradients(tiny_model_dir, monkeypatch, chunk):
+    """trainer.logprob_head_recompute: always, never and auto give the same logprobs, entropies and gradients;
+    auto recomputes only when the forward has more than one chunk (8 response tokens here: 3 chunks of 3, or 1)."""
+    import rlkit.trainer.logprobs as logprobs_module
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    prompts = [[5, 6, 7], [8], [9, 10, 11, 12, 13]]
+    ids, mask = _batch([[20, 21, 22, 23], [24], [25, 26, 27]], 4)
+    calls = []
+    real_checkpoint = logprobs_module.checkpoint
+    monkeypatch.setattr(logprobs_module, "checkpoint", lambda *a, **k: calls.append(1) or real_checkpoint(*a, **k))
+    results, checkpointed = {}, {}
+    for mode in ("always", "never", "auto"):
+        calls.clear()
+        out = policy_logprobs(model, prompts, ids, mask, pad_id=0, chunk_tokens=chunk, head_recompute=mode)
+        loss = (out.logprobs * torch.linspace(-1, 1, ids.numel()).view_as(ids)).sum() + out.entropies.sum()
+        grads = torch.autograd.grad(loss, [model.lm_head.weight, model.model.embed_tokens.weight])
+        results[mode], checkpointed[mode] = (out.logprobs, out.entropies, *grads), len(calls)
+    chunks = -(-int(mask.sum()) // chunk)
+    assert checkpointed == {"always": chunks, "never": 0, "auto": chunks if chunks > 1 else 0}
+    for mode in ("never", "auto"):
+        for got, expected in zip(results[mode], results["always"]):
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    assert results["always"][2].abs().max() > 1e-4  # a real gradient
+
 @pytest.fixture(scope="module")
 def trainer_and_batch(tiny_model_dir, tmp_path_factory):
     cfg = compose([f"model.path={tiny_model_dir}", f"logging.output_dir={tmp_path_factory.mktemp('runs')}",

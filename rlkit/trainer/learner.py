@@ -347,7 +347,8 @@ class Learner:
                            pad_id=self.pad_id, temperature=self.cfg.rollout.temperature,
                            chunk_tokens=self.cfg.trainer.logprob_chunk_tokens, return_hidden=hidden,
                            shared_prompt=self.cfg.trainer.shared_prompt_forward,
-                           padding_free=self.cfg.trainer.padding_free)
+                           padding_free=self.cfg.trainer.padding_free,
+                           head_recompute=self.cfg.trainer.logprob_head_recompute)
 
     def token_stats(self, batch: RolloutBatch) -> PolicyOutputs:
         """Logprobs and entropies [B,T] of the batch under the current policy, one micro-batch at a time (CPU).

@@ -1,8 +1,8 @@
 """Per-token logprobs and entropies of sampled responses under the policy.
 
 Never materialises [B,T,V] logits: the LM head runs only on the hidden states that
-predict response tokens, in chunks, each chunk recomputed in backward instead of
-keeping its [chunk, V] activations.
+predict response tokens, in chunks; where a forward has more than one chunk, each chunk is
+recomputed in backward instead of keeping its [chunk, V] activations (`head_recompute`).
 """
 from __future__ import annotations
 
@@ -66,6 +66,7 @@ def policy_logprobs(
     return_hidden: bool = False,
     shared_prompt: bool = False,
     padding_free: bool = False,
+    head_recompute: str = "auto",
 ) -> PolicyOutputs:
     """Logprobs [b,T] of `response_ids` given `prompt_ids` under `model`, at the sampling temperature.
 
@@ -78,6 +79,9 @@ def policy_logprobs(
     shared_prompt: run each distinct prompt once (`rlkit.trainer.shared_prompt`) instead of once per row.
     padding_free: run the sequences back to back in one row, no padding (`rlkit.trainer.packing`); with
     shared_prompt, the distinct prompts in one row and the responses in another.
+    head_recompute: when backward recomputes each chunk's [chunk,V] logits instead of keeping them from the
+    forward: "always", "never", or "auto" (only when there is more than one chunk; one chunk's logits are
+    resident when backward starts either way, so recomputing a lone chunk costs time and saves no memory).
     """
     device = next(model.parameters()).device
     body = trunk(model)
@@ -94,10 +98,12 @@ def policy_logprobs(
         picked = hidden[rows.to(device), positions[rows, steps].to(device)]  # [N,d]
     targets = response_ids[rows, steps].to(device)
     weight = model.get_output_embeddings().weight
+    recompute = torch.is_grad_enabled() and (
+        head_recompute == "always" or (head_recompute == "auto" and picked.shape[0] > chunk_tokens))
     logps, ents = [], []
     for start in range(0, picked.shape[0], chunk_tokens):
         h, t = picked[start : start + chunk_tokens], targets[start : start + chunk_tokens]
-        if torch.is_grad_enabled():
+        if recompute:
             lp, ent = checkpoint(_head_logprobs, h, weight, t, temperature, use_reentrant=False)
         else:
             lp, ent = _head_logprobs(h, weight, t, temperature)
