@@ -78,6 +78,7 @@ RANGES: dict[str, Range] = {
     "rollout.engine.options.port": Range(1, 65535, integer=True, null=True),
     "rollout.engine.options.timeout_s": POSITIVE, "rollout.engine.options.start_timeout_s": POSITIVE,
     "rollout.engine.options.max_concurrency": COUNT,
+    "rollout.engine.options.max_num_seqs": Range(1, integer=True, null=True),
     "reward.num_workers": COUNT0, "reward.timeout_s": POSITIVE, "reward.request_timeout_s": POSITIVE,
     "reward.retries": COUNT0, "reward.batch_size": COUNT,
     "algorithm.max_sample_rounds": COUNT,

@@ -39,10 +39,11 @@ def _train_one_step(model, lr=5e-2):
 def test_pushed_weights_match_trainer(request, fixture, engine_name):
     model_dir = request.getfixturevalue(fixture)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    options = {"max_model_len": 256, "kv_cache_gib": 0.5} if engine_name == "vllm" else {}
+    options = {"max_model_len": 256, "kv_cache_gib": 0.5, "max_num_seqs": 2} if engine_name == "vllm" else {}
     engine = create_engine(engine_name, str(model_dir), **options)
     if engine_name == "vllm":  # kv_cache_gib sizes the cache in bytes, over VLLM_CPU_KVCACHE_SPACE=1 (conftest.py)
         assert engine.llm.llm_engine.vllm_config.cache_config.kv_cache_memory_bytes == 2**29
+        assert engine.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs == 2  # 3 prompts x n: decoded 2 at a time
     prompts = [[11, 12, 13, 14], [20, 21], [30, 31, 32, 33, 34, 35]]
     try:
         for temperature in (1.0, 0.7):

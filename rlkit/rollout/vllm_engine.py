@@ -42,16 +42,18 @@ class VLLMEngine:
         seed: int = 0,
         cpu_threads: str | None = None,
         kv_cache_gib: float | None = None,
+        max_num_seqs: int | None = None,
     ):
         """kv_cache_gib (CPU): the KV cache's size, allocated and zeroed at start, so resident for the whole run
-        (None: VLLM_CPU_KVCACHE_SPACE if set, else CPU_KV_CACHE_GIB; vLLM alone would take most of the free memory)."""
+        (None: VLLM_CPU_KVCACHE_SPACE if set, else CPU_KV_CACHE_GIB; vLLM alone would take most of the free memory).
+        max_num_seqs: sequences vLLM decodes at once (None: vLLM's default for the platform)."""
         _configure_vllm_env(cpu_threads)
         from vllm import LLM
         from vllm.config import WeightTransferConfig
 
         from rlkit.rollout.inprocess_transfer import register
 
-        kwargs = {}
+        kwargs = {} if max_num_seqs is None else {"max_num_seqs": max_num_seqs}
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
             kwargs["enable_sleep_mode"] = enable_sleep_mode

@@ -50,7 +50,7 @@ class Trainer:
         self.ranks = Ranks(self.accelerator.process_index, self.accelerator.num_processes)
         self._agree_on_run_dir()  # refuses to overwrite a run, or to resume with changes it cannot follow
         self.run_dir = run_dir_of(cfg)
-        self.stream = PromptStream(_load_data(cfg), cfg.trainer.prompts_per_step, seed=cfg.seed)  # data errors first
+        self.stream = PromptStream(training_rows(cfg), cfg.trainer.prompts_per_step, seed=cfg.seed)  # data errors first
         # vLLM's per-step chatter to <run>/train.log (other ranks: a file of their own outside the run), not the console
         route_library_logs(self.run_dir if self.ranks.is_main else rank_log_dir(cfg, self.ranks.rank))
         self.plugins = build_plugins(cfg)
@@ -315,7 +315,8 @@ class Trainer:
         self.learner.close()
 
 
-def _load_data(cfg: DictConfig) -> list[dict]:
+def training_rows(cfg: DictConfig) -> list[dict]:
+    """The rows of `cfg.data`, as the trainer reads them (before its seeded order)."""
     d = cfg.data
     return load_rows(d.source, split=d.split, prompt_column=d.prompt_column, answer_column=d.answer_column,
                      answer_format=d.answer_format, limit=d.limit, seed=cfg.seed, skip_invalid=d.skip_invalid,
