@@ -17,8 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from rlkit.choices import exit_on_unknown_choice
 from rlkit.cli import hydra_argv, quiet_http_logs, refuse
-from rlkit.config import (CONFIG_DIR, ConfigError, default_choices, default_config, register_resolvers, spec_at,
-                          validate)
+from rlkit.config import CONFIG_DIR, ConfigError, default_choices, default_config, register_resolvers, spec_at
+from rlkit.validation import validate
 
 register_resolvers()
 ROOT = Path(CONFIG_DIR).parent

@@ -103,7 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def shared_config(args: argparse.Namespace, output_dir: str):
     """The rlkit config both frameworks read their data, reward and optimiser settings from."""
-    from rlkit.config import compose, validate
+    from rlkit.config import compose
+    from rlkit.validation import validate
 
     cfg = compose([
         f"model.path={args.model}",

@@ -16,7 +16,8 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from rlkit.config import compose, validate
+from rlkit.config import compose
+from rlkit.validation import validate
 from rlkit.errors import ConfigError
 from rlkit.rollout.server_launch import free_port
 from rlkit.trainer.async_rollouts import PRODUCER_PLUGINS, AsyncRollouts, collected_before_push

@@ -4,7 +4,8 @@ import sys
 
 import pytest
 
-from rlkit.config import ConfigError, compose, validate
+from rlkit.config import ConfigError, compose
+from rlkit.validation import validate
 
 
 def _cfg(tiny_model_dir, *overrides):
@@ -160,7 +161,7 @@ def test_exact_on_policy_departures_are_accepted_knowingly(tiny_model_dir):
 
 
 def test_validation_imports_nothing_of_eval(tiny_model_dir):
-    code = ("import sys\nfrom rlkit.config import compose, validate\n"
+    code = ("import sys\nfrom rlkit.config import compose\nfrom rlkit.validation import validate\n"
             f"validate(compose(['model.path={tiny_model_dir}', 'trainer.eval_every=1']))\n"
             "print(sorted(m for m in sys.modules if m.startswith('rlkit.eval')))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -374,7 +374,8 @@ def test_refinements_are_trained_under_the_original_question(tmp_path, tiny_mode
     """The trainer's logprobs of a refinement equal a direct forward of question + refinement (no critique)."""
     from transformers import AutoModelForCausalLM
 
-    from rlkit.config import compose, validate
+    from rlkit.config import compose
+    from rlkit.validation import validate
     from rlkit.trainer.trainer import Trainer
     from test_trainer_e2e import TINY
 

@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from rlkit.algorithms import SHAPERS, compute_advantages, shape_rewards
 from rlkit.algorithms.grpo_lambda import grpo_lambda_rewards
-from rlkit.config import ConfigError, compose, validate
+from rlkit.config import ConfigError, compose
+from rlkit.validation import validate
 from rlkit.registry import PluginSpec
 from test_trainer_e2e import run
 

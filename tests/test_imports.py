@@ -27,9 +27,10 @@ ALLOWED = {
     "rlkit.ranks": {"rlkit.batch"},
     "rlkit.sampling": {"rlkit.algorithms", "rlkit.rollout", "rlkit.batch", "rlkit.ranks", "rlkit.registry",
                        "rlkit.data"},
-    "rlkit.config": {"rlkit.registry", "rlkit.errors", "rlkit.launch", "rlkit.option_types", "rlkit.ranges",
-                     "rlkit.preflight", "rlkit.algorithms", "rlkit.sampling", "rlkit.rollout", "rlkit.reward",
-                     "rlkit.models"},
+    "rlkit.config": {"rlkit.registry", "rlkit.errors", "rlkit.algorithms", "rlkit.sampling"},
+    "rlkit.validation": {"rlkit.config", "rlkit.registry", "rlkit.errors", "rlkit.launch", "rlkit.option_types",
+                         "rlkit.ranges", "rlkit.preflight", "rlkit.algorithms", "rlkit.rollout", "rlkit.reward",
+                         "rlkit.models"},
     "rlkit.choices": {"rlkit.config"},
     "rlkit.cli": {"rlkit.config", "rlkit.errors"},
     "rlkit.eval": {"rlkit.config", "rlkit.errors", "rlkit.data", "rlkit.rollout", "rlkit.reward", "rlkit.registry",
@@ -37,8 +38,8 @@ ALLOWED = {
     "rlkit.trainer": {"rlkit.algorithms", "rlkit.batch", "rlkit.config", "rlkit.data", "rlkit.errors", "rlkit.eval",
                       "rlkit.launch", "rlkit.logs", "rlkit.models", "rlkit.ranks", "rlkit.registry", "rlkit.reward",
                       "rlkit.rollout", "rlkit.sampling"},
-    "rlkit.train": {"rlkit.choices", "rlkit.cli", "rlkit.config", "rlkit.data", "rlkit.errors", "rlkit.eval",
-                    "rlkit.reward", "rlkit.trainer"},
+    "rlkit.train": {"rlkit.choices", "rlkit.cli", "rlkit.config", "rlkit.validation", "rlkit.data", "rlkit.errors",
+                    "rlkit.eval", "rlkit.reward", "rlkit.trainer"},
 }
 
 

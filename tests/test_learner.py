@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from rlkit.batch import RolloutBatch
-from rlkit.config import ConfigError, build_plugins, compose, validate
+from rlkit.config import ConfigError, build_plugins, compose
+from rlkit.validation import validate
 from rlkit.trainer.learner import Learner
 from rlkit.trainer.setup import make_accelerator
 from rlkit.trainer.logprobs import policy_logprobs

@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from rlkit.batch import RolloutBatch
-from rlkit.config import ConfigError, build_plugins, compose, validate
+from rlkit.config import ConfigError, build_plugins, compose
+from rlkit.validation import validate
 from rlkit.rollout import SamplingConfig, create_engine
 from rlkit.trainer import lora
 from rlkit.trainer.learner import Learner

@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rlkit.algorithms import ADVANTAGES, compute_advantages
-from rlkit.config import ConfigError, compose, validate
+from rlkit.config import ConfigError, compose
+from rlkit.validation import validate
 from test_trainer_e2e import run
 
 

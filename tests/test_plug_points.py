@@ -106,7 +106,8 @@ def test_off_context_samples_get_recomputed_old_logprobs(tmp_path, tiny_model_di
                                            ("trainer.mini_batches=2", "trainer.mini_batches"),
                                            ("algorithm.loss.kl_coef=0.01", "algorithm.loss.kl_coef")])
 def test_needs_on_policy_refuses_off_policy_settings(tiny_model_dir, override, key):
-    from rlkit.config import ConfigError, compose, validate
+    from rlkit.config import ConfigError, compose
+    from rlkit.validation import validate
 
     base = [f"model.path={tiny_model_dir}", "algorithm.advantage=rl_tasks:on_policy_estimator"]
     validate(compose(base))

@@ -5,7 +5,8 @@ import time
 
 import pytest
 
-from rlkit.config import ConfigError, compose, validate
+from rlkit.config import ConfigError, compose
+from rlkit.validation import validate
 from rlkit.preflight import check_model_path
 
 HUB_NAME = "Qwen/Qwen2.5-0.5B-Instruct"

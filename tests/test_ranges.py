@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from rlkit.config import CONFIG_DIR, ConfigError, compose, validate
+from rlkit.config import CONFIG_DIR, ConfigError, compose
+from rlkit.validation import validate
 from rlkit.ranges import RANGES, Range, range_of
 
 RECIPES = sorted(p.stem for p in Path(CONFIG_DIR, "..", "recipes").glob("*.yaml"))

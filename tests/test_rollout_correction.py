@@ -9,7 +9,8 @@ import torch
 from rlkit.algorithms import aggregate, loss_normalizer, ppo_clip_surrogate
 from rlkit.algorithms.rollout_correction import (ROLLOUT_CORRECTIONS, log_ratio, seq_mask, sequence_keep, tis,
                                                  token_keep, truncated_weights)
-from rlkit.config import ConfigError, compose, validate
+from rlkit.config import ConfigError, compose
+from rlkit.validation import validate
 from rlkit.registry import PluginSpec
 from rlkit.trainer.logprobs import policy_logprobs
 from rlkit.trainer.metrics import UpdateStats

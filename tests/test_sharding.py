@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from rlkit.config import ConfigError, build_plugins, compose, validate
+from rlkit.config import ConfigError, build_plugins, compose
+from rlkit.validation import validate
 from rlkit.registry import declare
 from rlkit.trainer.learner import Learner
 from rlkit.trainer.setup import make_accelerator

@@ -4,7 +4,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rlkit.config import ConfigError, compose, validate
+from rlkit.config import ConfigError, compose
+from rlkit.validation import validate
 from rlkit.models.tiny import build_tiny_model
 from rlkit.trainer.logprobs import policy_logprobs
 from rlkit.trainer.shared_prompt import prompt_groups, row_order

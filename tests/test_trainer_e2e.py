@@ -5,7 +5,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlkit.config import compose, validate
+from rlkit.config import compose
+from rlkit.validation import validate
 from rlkit.errors import ConfigError
 from rlkit.trainer.trainer import Trainer
 
