@@ -1,9 +1,9 @@
-"""How vLLM's CPU settings change rlkit's generation: thread binding, KV cache size, prefix caching, batch size.
+"""How vLLM's CPU settings change rlkit's generation: threads, KV cache size, prefix caching, batch size.
 
     python scripts/bench_generation.py [--model DIR] [--prompts 8] [--n 8] [--max-tokens 128] [--rounds 3]
         [--warmup 1] [--force-full-length] [--settings NAME ...] [--out runs/bench_generation.json]
 
-Each setting runs in a process of its own (vLLM reads its thread binding when it starts): rlkit's colocated engine
+Each setting runs in a process of its own (threads and vLLM's environment are read at start): rlkit's colocated engine
 (`rollout=vllm`, the default config's options) with the setting's engine options or environment, generating the
 default job's first batch (its prompts, n, temperature, max tokens). Every round samples with the same seed, so
 every round decodes the same tokens; the prefix cache is reset between rounds, as a weight push resets it.
@@ -22,19 +22,21 @@ import tempfile
 import time
 from pathlib import Path
 
-# name: (environment, engine options, what it changes)
+# name: (environment, engine options, torch threads or None, what it changes)
 SETTINGS = {
-    "defaults": ({}, {}, "rlkit's defaults: every core bound, 1 GiB KV cache, prefix caching, vLLM's 256 sequences"),
-    "bind-auto": ({"VLLM_CPU_OMP_THREADS_BIND": "auto"}, {}, "vLLM's own thread binding (auto)"),
-    "bind-none": ({"VLLM_CPU_OMP_THREADS_BIND": "nobind"}, {}, "no thread binding"),
-    "bind-1-core": ({"VLLM_CPU_OMP_THREADS_BIND": "0"}, {}, "one core bound"),
-    "kv-0.25": ({}, {"kv_cache_gib": 0.25}, "KV cache 0.25 GiB"),
-    "kv-0.5": ({}, {"kv_cache_gib": 0.5}, "KV cache 0.5 GiB"),
-    "kv-2": ({}, {"kv_cache_gib": 2.0}, "KV cache 2 GiB"),
-    "no-prefix-cache": ({}, {"enable_prefix_caching": False}, "prefix caching off"),
-    "seqs-8": ({}, {"max_num_seqs": 8}, "8 sequences decoded at once"),
-    "seqs-16": ({}, {"max_num_seqs": 16}, "16 sequences decoded at once"),
-    "seqs-32": ({}, {"max_num_seqs": 32}, "32 sequences decoded at once"),
+    "defaults": ({}, {}, None, "rlkit's defaults: torch's threads (every core), 1 GiB KV cache, prefix caching, "
+                               "vLLM's 256 sequences"),
+    "threads-1": ({}, {}, 1, "one torch thread (the engine runs on the process's torch threads)"),
+    "bind-auto": ({"VLLM_CPU_OMP_THREADS_BIND": "auto"}, {}, None, "VLLM_CPU_OMP_THREADS_BIND=auto"),
+    "bind-none": ({"VLLM_CPU_OMP_THREADS_BIND": "nobind"}, {}, None, "VLLM_CPU_OMP_THREADS_BIND=nobind"),
+    "bind-1-core": ({"VLLM_CPU_OMP_THREADS_BIND": "0"}, {}, None, "VLLM_CPU_OMP_THREADS_BIND=0 (one core)"),
+    "kv-0.25": ({}, {"kv_cache_gib": 0.25}, None, "KV cache 0.25 GiB"),
+    "kv-0.5": ({}, {"kv_cache_gib": 0.5}, None, "KV cache 0.5 GiB"),
+    "kv-2": ({}, {"kv_cache_gib": 2.0}, None, "KV cache 2 GiB"),
+    "no-prefix-cache": ({}, {"enable_prefix_caching": False}, None, "prefix caching off"),
+    "seqs-8": ({}, {"max_num_seqs": 8}, None, "8 sequences decoded at once"),
+    "seqs-16": ({}, {"max_num_seqs": 16}, None, "16 sequences decoded at once"),
+    "seqs-32": ({}, {"max_num_seqs": 32}, None, "32 sequences decoded at once"),
 }
 
 
@@ -77,10 +79,14 @@ def run_setting(args: argparse.Namespace, name: str) -> dict:
     from rlkit.config import compose, spec_at
     from rlkit.rollout import SamplingConfig, make_engine
 
-    env, options, _ = SETTINGS[name]
+    import torch
+
+    env, options, threads, _ = SETTINGS[name]
     for key in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND"):  # the setting alone decides them
         os.environ.pop(key, None)
     os.environ.update(env)
+    if threads is not None:
+        torch.set_num_threads(threads)
     cfg = compose([f"model.path={args.model}", "rollout=vllm", f"trainer.prompts_per_step={args.prompts}",
                    f"rollout.n={args.n}", f"rollout.max_tokens={args.max_tokens}"] +
                   [f"rollout.engine.options.{key}={value}" for key, value in options.items()])
@@ -89,7 +95,7 @@ def run_setting(args: argparse.Namespace, name: str) -> dict:
     engine = make_engine(spec_at(cfg, "rollout.engine"), cfg.model.path, cfg.rollout.dtype or cfg.model.dtype)
     setup_s, setup_rss = time.perf_counter() - started, rss_gib()
     vllm_config = engine.llm.llm_engine.vllm_config
-    applied = {"threads_bind": os.environ["VLLM_CPU_OMP_THREADS_BIND"],
+    applied = {"torch_threads": torch.get_num_threads(), "threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND"),
                "kv_cache_gib": vllm_config.cache_config.kv_cache_memory_bytes / 2**30,
                "prefix_caching": vllm_config.cache_config.enable_prefix_caching,
                "max_num_seqs": vllm_config.scheduler_config.max_num_seqs}
@@ -117,7 +123,7 @@ def markdown(rows: list[dict]) -> str:
     base = next((r for r in rows if r["name"] == "defaults"), None)
     for r in rows:
         ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else ""
-        lines.append(f"| {r['name']} | {SETTINGS[r['name']][2]} | {r['tokens']} | {r['seconds']:.1f} | "
+        lines.append(f"| {r['name']} | {SETTINGS[r['name']][3]} | {r['tokens']} | {r['seconds']:.1f} | "
                      f"{r['tokens_per_s']:.0f} | {ratio} | {r['rss_after_setup_gib']:.2f} |")
     return "\n".join(lines)
 

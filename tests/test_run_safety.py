@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from rlkit.config import ConfigError, compose, default_config
 from rlkit.trainer.run_dir import check_run_dir, continue_from_saved
 from rlkit.trainer.trainer import Trainer
+from rlkit.validation import validate
 from test_trainer_e2e import TINY, run
 
 TESTS = Path(__file__).parent
@@ -72,6 +73,20 @@ def test_resume_takes_the_saved_config_as_base(tmp_path, tiny_model_dir, caplog)
     with caplog.at_level(logging.INFO, logger="rlkit"):
         check_run_dir(cfg)
     assert "resume: trainer.total_steps: 40 -> 9" in caplog.text
+
+
+def test_resume_drops_a_retired_key_from_the_saved_config(tmp_path, tiny_model_dir, caplog):
+    _fake_run(tmp_path / "x", _cfg(tmp_path, tiny_model_dir), steps=2)
+    saved = tmp_path / "x" / "config.yaml"
+    tree = OmegaConf.load(saved)
+    tree.rollout.engine.options.cpu_threads = None  # what runs saved before the key was retired hold
+    saved.write_text(OmegaConf.to_yaml(tree))
+    overrides = [f"logging.output_dir={tmp_path}", "logging.run_name=x", "trainer.resume=auto"]
+    with caplog.at_level(logging.WARNING, logger="rlkit"):
+        cfg = continue_from_saved(compose(overrides), default_config(), overrides)
+    assert "cpu_threads" not in cfg.rollout.engine.options and cfg.rollout.n == 4
+    assert "rollout.engine.options.cpu_threads" in caplog.text and "no longer read" in caplog.text
+    validate(cfg)
 
 
 @pytest.mark.parametrize("override, key, reason", [

@@ -12,15 +12,13 @@ from rlkit.rollout.base import Completion, SamplingConfig
 CPU_KV_CACHE_GIB = 1.0  # the KV cache on CPU unless rollout.engine.options.kv_cache_gib says otherwise
 
 
-def _configure_vllm_env(cpu_threads: str | None) -> None:
-    """Environment vLLM reads at import/start; set before vllm is imported."""
+def _configure_vllm_env() -> None:
+    """Environment vLLM reads at import/start; set before vllm is imported. In this process the engine runs on
+    torch's threads, the trainer's (vLLM reads VLLM_CPU_OMP_THREADS_BIND only for worker processes it starts)."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in this process
     if "VLLM_LOGGING_CONFIG_PATH" not in os.environ:  # vLLM refuses a config file with its logging off
         # rlkit routes vLLM's records (rlkit.logs); vLLM would replace that with its own stdout handler.
         os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
-    if not torch.cuda.is_available():
-        # vLLM pins its worker to one core by default; bind every core we have.
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_threads or f"0-{os.cpu_count() - 1}")
 
 
 class VLLMEngine:
@@ -40,14 +38,13 @@ class VLLMEngine:
         enable_prefix_caching: bool = True,
         enable_sleep_mode: bool = False,
         seed: int = 0,
-        cpu_threads: str | None = None,
         kv_cache_gib: float | None = None,
         max_num_seqs: int | None = None,
     ):
         """kv_cache_gib (CPU): the KV cache's size, allocated and zeroed at start, so resident for the whole run
         (None: VLLM_CPU_KVCACHE_SPACE if set, else CPU_KV_CACHE_GIB; vLLM alone would take most of the free memory).
         max_num_seqs: sequences vLLM decodes at once (None: vLLM's default for the platform)."""
-        _configure_vllm_env(cpu_threads)
+        _configure_vllm_env()
         from vllm import LLM
         from vllm.config import WeightTransferConfig
 

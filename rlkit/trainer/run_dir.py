@@ -25,6 +25,12 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 HISTORY = (METRICS_FILE, "samples.jsonl", "checkpoints", "final", "tb")  # what logging.overwrite=true removes
 
+# Keys rlkit no longer reads, dropped (with a warning) from a saved config a resume takes as its base.
+RETIRED_KEYS = {
+    "rollout.engine.options.cpu_threads": "the colocated vLLM engine runs on the trainer's torch threads (vLLM "
+                                          "binds threads only for worker processes it starts)",
+}
+
 # Keys a resumed run cannot change (a key or a whole block), with the reason shown when one is refused.
 _BATCH = "the batch shape (prompts x rollout.n, mini-batches, epochs) and the LR schedule's length follow it"
 _DATA = "the checkpoint's data position counts rows of this dataset"
@@ -90,12 +96,26 @@ def continue_from_saved(cfg: DictConfig, base: dict, overrides: list[str]) -> Di
     if path is None or not path.is_file():
         return cfg
     given = OmegaConf.to_container(cfg, resolve=False)
-    merged = overlay(OmegaConf.to_container(OmegaConf.load(path), resolve=False), given, base)
+    merged = overlay(_without_retired_keys(OmegaConf.to_container(OmegaConf.load(path), resolve=False), path),
+                     given, base)
     for key in override_keys(overrides):
         _set(merged, key, given)
     out = OmegaConf.create(merged)
     OmegaConf.set_struct(out, True)
     return out
+
+
+def _without_retired_keys(saved: dict, path: Path) -> dict:
+    """`saved` without the RETIRED_KEYS it holds, each named in a warning."""
+    for key, why in RETIRED_KEYS.items():
+        *parents, last = key.split(".")
+        node = saved
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and last in node:
+            del node[last]
+            log.warning("resume: %s in %s is no longer read and is dropped: %s", key, path, why)
+    return saved
 
 
 def override_keys(overrides: list[str]) -> list[str]:
