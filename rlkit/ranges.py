@@ -16,7 +16,8 @@ from rlkit.errors import ConfigError
 
 @dataclass(frozen=True)
 class Range:
-    """A number in [low, high] (an end is excluded when *_open); None allowed if `null`; `off` an extra value."""
+    """A number in [low, high] (an end is excluded when *_open); None allowed if `null`; `off` an extra value;
+    `word` an extra string."""
 
     low: float | None = None
     high: float | None = None
@@ -25,11 +26,14 @@ class Range:
     integer: bool = False
     null: bool = False
     off: int | None = None
+    word: str | None = None  # a word allowed besides the numbers ("auto")
     items: bool = False  # a list of such numbers (or one) is allowed
 
     def allows(self, value: object) -> bool:
         if isinstance(value, list):
             return self.items and all(self.allows(item) for item in value)
+        if self.word is not None and value == self.word:
+            return True
         if value is None or type(value) is bool or not isinstance(value, (int, float)):
             return value is None and self.null
         if value == self.off and type(value) is int:
@@ -48,7 +52,7 @@ class Range:
             bounds = f" {'>' if self.low_open else '>='} {_show(self.low)}"
         else:
             bounds = f" {'<' if self.high_open else '<='} {_show(self.high)}" if self.high is not None else ""
-        extras = [f"{self.off} (off)"] * (self.off is not None) + ["null"] * self.null
+        extras = [f"{self.off} (off)"] * (self.off is not None) + [self.word] * (self.word is not None) + ["null"] * self.null
         text = kind + bounds + "".join(f" or {extra}" for extra in extras)
         return f"{text} (or a list of them)" if self.items else text
 
@@ -74,7 +78,7 @@ RANGES: dict[str, Range] = {
     "rollout.max_tokens": COUNT,
     "rollout.engine.options.max_model_len": COUNT, "rollout.engine.options.seed": SEED,
     "rollout.engine.options.gpu_memory_utilization": FRACTION,
-    "rollout.engine.options.kv_cache_gib": Range(0, low_open=True, null=True),
+    "rollout.engine.options.kv_cache_gib": Range(0, low_open=True, null=True, word="auto"),
     "rollout.engine.options.port": Range(1, 65535, integer=True, null=True),
     "rollout.engine.options.timeout_s": POSITIVE, "rollout.engine.options.start_timeout_s": POSITIVE,
     "rollout.engine.options.max_concurrency": COUNT,

@@ -24,14 +24,15 @@ from pathlib import Path
 
 # name: (environment, engine options, torch threads or None, what it changes)
 SETTINGS = {
-    "defaults": ({}, {}, None, "rlkit's defaults: torch's threads (every core), 1 GiB KV cache, prefix caching, "
-                               "vLLM's 256 sequences"),
+    "defaults": ({}, {}, None, "rlkit's defaults: torch's threads (every core), the KV cache sized to the batch "
+                               "(auto), prefix caching, vLLM's 256 sequences"),
     "threads-1": ({}, {}, 1, "one torch thread (the engine runs on the process's torch threads)"),
     "bind-auto": ({"VLLM_CPU_OMP_THREADS_BIND": "auto"}, {}, None, "VLLM_CPU_OMP_THREADS_BIND=auto"),
     "bind-none": ({"VLLM_CPU_OMP_THREADS_BIND": "nobind"}, {}, None, "VLLM_CPU_OMP_THREADS_BIND=nobind"),
     "bind-1-core": ({"VLLM_CPU_OMP_THREADS_BIND": "0"}, {}, None, "VLLM_CPU_OMP_THREADS_BIND=0 (one core)"),
     "kv-0.25": ({}, {"kv_cache_gib": 0.25}, None, "KV cache 0.25 GiB"),
     "kv-0.5": ({}, {"kv_cache_gib": 0.5}, None, "KV cache 0.5 GiB"),
+    "kv-1": ({}, {"kv_cache_gib": 1.0}, None, "KV cache 1 GiB (the default before auto)"),
     "kv-2": ({}, {"kv_cache_gib": 2.0}, None, "KV cache 2 GiB"),
     "no-prefix-cache": ({}, {"enable_prefix_caching": False}, None, "prefix caching off"),
     "seqs-8": ({}, {"max_num_seqs": 8}, None, "8 sequences decoded at once"),
@@ -77,7 +78,7 @@ def run_setting(args: argparse.Namespace, name: str) -> dict:
     from bench_trl import rss_gib, suppress_eos
 
     from rlkit.config import compose, spec_at
-    from rlkit.rollout import SamplingConfig, make_engine
+    from rlkit.rollout import GenerationShape, SamplingConfig, make_engine
 
     import torch
 
@@ -92,7 +93,8 @@ def run_setting(args: argparse.Namespace, name: str) -> dict:
                   [f"rollout.engine.options.{key}={value}" for key, value in options.items()])
     prompts = first_batch(cfg)
     started = time.perf_counter()
-    engine = make_engine(spec_at(cfg, "rollout.engine"), cfg.model.path, cfg.rollout.dtype or cfg.model.dtype)
+    shape = GenerationShape(tuple(len(p) for p in prompts), len(prompts), cfg.rollout.n, cfg.rollout.max_tokens)
+    engine = make_engine(spec_at(cfg, "rollout.engine"), cfg.model.path, cfg.rollout.dtype or cfg.model.dtype, shape)
     setup_s, setup_rss = time.perf_counter() - started, rss_gib()
     vllm_config = engine.llm.llm_engine.vllm_config
     applied = {"torch_threads": torch.get_num_threads(), "threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND"),

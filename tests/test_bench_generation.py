@@ -20,9 +20,11 @@ def test_bench_generation_runs_each_setting_as_vllm_takes_it(tmp_path, tiny_mode
                            "--force-full-length", "--settings", "defaults", "seqs-8", "--out", str(out)],
                           capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # the defaults' cache is sized to the batch: 4 sequences of <= 1 block, raised to one 1,024-token sequence:
+    # 8 blocks, and vLLM's null block, x 128 tokens x 1 KiB a token (2 layers x K,V x 2 heads x 32 dims x 4 bytes)
     rows = {r["name"]: r for r in json.loads(out.read_text())["settings"]}
     assert [r["tokens"] for r in rows.values()] == [2 * 2 * 8] * 2
     assert {k: v for k, v in rows["defaults"]["applied"].items() if k != "torch_threads"} == \
-        {"threads_bind": None, "kv_cache_gib": 1.0, "prefix_caching": True, "max_num_seqs": 256}
+        {"threads_bind": None, "kv_cache_gib": 9 * 2**17 / 2**30, "prefix_caching": True, "max_num_seqs": 256}
     assert rows["seqs-8"]["applied"]["max_num_seqs"] == 8
     assert "| seqs-8 | 8 sequences decoded at once | 32 |" in proc.stdout

@@ -3,7 +3,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rlkit.rollout import SamplingConfig, create_engine
+from rlkit.registry import PluginSpec
+from rlkit.rollout import GenerationShape, SamplingConfig, create_engine, make_engine
+from rlkit.rollout.kv_cache import CPU_BLOCK_TOKENS
 from rlkit.sampling.samplers import SamplerContext, sample_groups
 from rlkit.trainer.logprobs import policy_logprobs
 
@@ -74,9 +76,17 @@ def test_pushed_weights_match_trainer_on_smollm2():
     if not is_prepared(model_dir):
         pytest.skip("SmolLM2-135M-Instruct is not prepared: run `make setup`")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    engine = create_engine("vllm", str(model_dir), max_model_len=512)
     prompts = [[1, 9690, 198, 2683, 314, 216, 34, 1232, 216, 37, 47], [1, 4093, 198, 14368, 30]]
+    shape = GenerationShape(tuple(map(len, prompts)), prompts=2, n=3, max_tokens=24)  # as _sample asks
+    engine = make_engine(PluginSpec("vllm", {"max_model_len": 512, "kv_cache_gib": "auto"}), str(model_dir), "float32",
+                         shape)
     try:
+        # vLLM takes the cache rlkit sized: its 128-token blocks, 6 sequences of one block each (at least the
+        # 4 blocks of one 512-token sequence) and its null block, at 46,080 bytes a token (30 layers x K,V x
+        # 3 heads x 64 dims x 4 bytes); all 6 sequences fit at once
+        cache = engine.llm.llm_engine.vllm_config.cache_config
+        assert (cache.block_size, cache.num_gpu_blocks) == (CPU_BLOCK_TOKENS, 7)
+        assert cache.kv_cache_memory_bytes == 7 * 128 * 46_080
         _train_one_step(model, lr=1e-4)
         engine.update_weights(model.state_dict().items())
         batch = _sample(engine, prompts, 1.0, seed=5)

@@ -49,22 +49,24 @@ def run_job(cfg: DictConfig, *, progress: bool = True) -> list[BenchmarkResult]:
     from transformers import AutoTokenizer  # heavy imports after the checks: a refusal comes back at once
 
     from rlkit.reward.scorer import make_scorer
-    from rlkit.rollout import make_engine
+    from rlkit.rollout import GenerationShape, make_engine
 
     out_dir = Path(settings.block["output_dir"])
     route_library_logs(out_dir)  # vLLM and transformers chatter goes to <output_dir>/train.log
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     benchmarks = load_benchmarks(settings, tokenizer)
+    sampling = settings.sampling
     scorer = make_scorer(spec_at(cfg, "reward.verifier"), OmegaConf.to_container(cfg.reward, resolve=True))
     try:
-        engine = make_engine(spec_at(cfg, "rollout.engine"), model_path, cfg.rollout.dtype or cfg.model.dtype)
+        shape = GenerationShape(tuple(len(p) for b in benchmarks for p in b.prompts), settings.batch_size, sampling.n,
+                                sampling.max_tokens)  # one call: batch_size prompts x n (sizes an auto KV cache)
+        engine = make_engine(spec_at(cfg, "rollout.engine"), model_path, cfg.rollout.dtype or cfg.model.dtype, shape)
         try:
             results = Evaluator(cfg, tokenizer, engine, scorer, benchmarks=benchmarks, progress=progress).evaluate()
         finally:
             engine.close()
     finally:
         scorer.close()
-    sampling = settings.sampling
     report.write(out_dir, results, config=OmegaConf.to_container(cfg, resolve=True), settings={
         "model_path": cfg.model.path, "resolved_model_path": model_path, "benchmarks": list(settings.benchmarks),
         "n": sampling.n, "k": list(settings.ks), "temperature": sampling.temperature, "top_p": sampling.top_p,

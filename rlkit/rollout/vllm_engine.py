@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 import os
-from typing import Iterable
+from typing import Iterable, Literal
 
 import torch
 
 from rlkit.rollout.base import Completion, SamplingConfig
 
 
-CPU_KV_CACHE_GIB = 1.0  # the KV cache on CPU unless rollout.engine.options.kv_cache_gib says otherwise
+CPU_KV_CACHE_GIB = 1.0  # the KV cache on CPU when kv_cache_gib is None and VLLM_CPU_KVCACHE_SPACE unset
+MAX_MODEL_LEN = 1024  # prompt + response tokens per sequence unless max_model_len says otherwise
 
 
 def _configure_vllm_env() -> None:
@@ -33,17 +34,21 @@ class VLLMEngine:
         model_path: str,
         *,
         dtype: str = "float32",
-        max_model_len: int = 1024,
+        max_model_len: int = MAX_MODEL_LEN,
         gpu_memory_utilization: float = 0.4,
         enable_prefix_caching: bool = True,
         enable_sleep_mode: bool = False,
         seed: int = 0,
-        kv_cache_gib: float | None = None,
+        kv_cache_gib: float | Literal["auto"] | None = None,
         max_num_seqs: int | None = None,
     ):
         """kv_cache_gib (CPU): the KV cache's size, allocated and zeroed at start, so resident for the whole run
-        (None: VLLM_CPU_KVCACHE_SPACE if set, else CPU_KV_CACHE_GIB; vLLM alone would take most of the free memory).
+        (None: VLLM_CPU_KVCACHE_SPACE if set, else CPU_KV_CACHE_GIB; vLLM alone would take most of the free memory;
+        `rlkit.rollout.make_engine` turns the config's `auto` into the size of the batch, rlkit.rollout.kv_cache).
         max_num_seqs: sequences vLLM decodes at once (None: vLLM's default for the platform)."""
+        if kv_cache_gib == "auto":
+            raise ValueError("kv_cache_gib='auto' is sized from the batch: build the engine with "
+                             "rlkit.rollout.make_engine(spec, model_path, dtype, shape), or give a size in GiB")
         _configure_vllm_env()
         from vllm import LLM
         from vllm.config import WeightTransferConfig

@@ -22,7 +22,7 @@ from rlkit.data import PromptStream, build_prompt, load_rows
 from rlkit.eval import Evaluator
 from rlkit.logs import route_library_logs
 from rlkit.reward.scorer import make_scorer
-from rlkit.rollout import SamplingConfig, make_engine
+from rlkit.rollout import GenerationShape, SamplingConfig, make_engine
 from rlkit.sampling import Collected, SamplerContext, collect
 from rlkit.trainer.async_rollouts import PRODUCER_PLUGINS, AsyncRollouts
 from rlkit.trainer.checkpoint import list_checkpoints, load_checkpoint, load_in_flight, save_checkpoint
@@ -50,14 +50,18 @@ class Trainer:
         self.ranks = Ranks(self.accelerator.process_index, self.accelerator.num_processes)
         self._agree_on_run_dir()  # refuses to overwrite a run, or to resume with changes it cannot follow
         self.run_dir = run_dir_of(cfg)
-        self.stream = PromptStream(training_rows(cfg), cfg.trainer.prompts_per_step, seed=cfg.seed)  # data errors first
+        rows = training_rows(cfg)
+        self.stream = PromptStream(rows, cfg.trainer.prompts_per_step, seed=cfg.seed)  # data errors first
         # vLLM's per-step chatter to <run>/train.log (other ranks: a file of their own outside the run), not the console
         route_library_logs(self.run_dir if self.ranks.is_main else rank_log_dir(cfg, self.ranks.rank))
         self.plugins = build_plugins(cfg)
         self.learner = Learner(cfg, self.plugins, self.accelerator)
         self.tokenizer, self.pad_id = self.learner.tokenizer, self.learner.pad_id
         self.scorer = make_scorer(spec_at(cfg, "reward.verifier"), OmegaConf.to_container(cfg.reward, resolve=True))
-        self.engine = make_engine(spec_at(cfg, "rollout.engine"), cfg.model.path, cfg.rollout.dtype or cfg.model.dtype)
+        engine = spec_at(cfg, "rollout.engine")
+        auto_kv = engine.options.get("kv_cache_gib") == "auto"
+        shape = generation_shape(cfg, rows, self._build_prompt, self.ranks.world_size) if auto_kv else None
+        self.engine = make_engine(engine, cfg.model.path, cfg.rollout.dtype or cfg.model.dtype, shape)
         evaluates = cfg.trainer.eval_every and self.ranks.is_main
         self.evaluator = Evaluator(cfg, self.tokenizer, self.engine, self.scorer) if evaluates else None
         self.step, self.next_group_id, self.generated_tokens = 0, 0, 0
@@ -322,3 +326,10 @@ def training_rows(cfg: DictConfig) -> list[dict]:
                      answer_format=d.answer_format, limit=d.limit, seed=cfg.seed, skip_invalid=d.skip_invalid,
                      options=OmegaConf.to_container(d.options, resolve=True),
                      solution_column=d.get("solution_column"))
+
+
+def generation_shape(cfg: DictConfig, rows: list[dict], build_prompt, world_size: int = 1) -> GenerationShape:
+    """What one collect call may ask of a rank's engine (sizes its KV cache): the rank's share of a step's
+    prompts, out of every training row (`build_prompt(row)` -> prompt ids), rollout.n samples each."""
+    share = cfg.trainer.prompts_per_step // world_size  # divisible: checked at validation
+    return GenerationShape(tuple(len(build_prompt(row)) for row in rows), share, cfg.rollout.n, cfg.rollout.max_tokens)
