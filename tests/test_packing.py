@@ -1,12 +1,13 @@
 """The padding-free forward (trainer.padding_free), alone and with the shared prompt, gives the padded forward's
-logprobs, entropies, hidden states and parameter gradients (fp32, 1e-5), under SDPA and eager attention."""
+logprobs, entropies, hidden states and parameter gradients (fp32, 1e-5), under SDPA and eager attention; where
+no row would hold two sequences it is the padded forward."""
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from rlkit.models.tiny import build_tiny_model
 from rlkit.trainer.logprobs import policy_logprobs
-from rlkit.trainer.packing import attend, attention_mask, segments
+from rlkit.trainer.packing import attention_mask, first_fit, lay_out, packs
 
 # Rows of different prompt and response lengths; rows 0, 1, 3 share a prompt, row 4 extends it by a token, rows 2
 # and 5 share another; an empty response (row 3) and a one-token one (row 1).
@@ -14,15 +15,26 @@ PROMPTS = [[5, 6, 7], [5, 6, 7], [8], [5, 6, 7], [5, 6, 7, 30], [8], [9, 10, 11,
 RESPONSES = [[20, 21, 22, 23, 24, 25], [24], [25, 26], [], [30, 31, 32], [40, 41, 42, 43, 44, 45, 46], [50, 51]]
 
 
-def test_segments_and_block_causal_mask():
-    seq, pos, starts = segments([2, 0, 3])
-    assert seq.tolist() == [0, 0, 2, 2, 2] and pos.tolist() == [0, 1, 0, 1, 2] and starts.tolist() == [0, 2, 2]
-    allowed = attend(seq, pos, seq, pos)
-    assert allowed.int().tolist() == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 1]]
+def test_first_fit_places_the_longest_first_each_in_the_first_row_with_room():
+    # width 9: 9 -> row 0; 8 -> row 1; 7, 7 -> rows 2, 3; 4 -> row 4; 3 -> row 4 (room 5); 3 -> row 5 (every room < 3)
+    sizes = [9, 4, 3, 3, 7, 8, 7]
+    row, col = first_fit(sizes, 9)
+    assert row == [0, 4, 4, 5, 2, 1, 3] and col == [0, 0, 4, 0, 0, 0, 0]
+    assert packs(sizes) and not packs([5, 5, 4]) and packs([5, 3, 2]) and not packs([3, 0, 0]) and not packs([])
+
+
+def test_rows_hold_each_sequence_behind_a_block_causal_mask():
+    rows = lay_out([torch.tensor([1, 2, 3]), torch.tensor([4]), torch.tensor([5, 6])], first_pos=torch.tensor([0, 7, 2]))
+    # width 3: [1,2,3] alone; [5,6] then [4] share row 1
+    assert rows.ids.tolist() == [[1, 2, 3], [5, 6, 4]] and rows.row.tolist() == [0, 1, 1] and rows.col.tolist() == [0, 2, 0]
+    assert rows.seq.tolist() == [[0, 0, 0], [2, 2, 1]] and rows.pos.tolist() == [[0, 1, 2], [2, 3, 7]]
+    assert rows.allowed()[1].int().tolist() == [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
+    padded = lay_out([torch.tensor([1, 2, 3]), torch.tensor([4])])  # [4] leaves two padding slots: a sequence of their own
+    assert padded.seq.tolist() == [[0, 0, 0], [1, 3, 3]] and padded.allowed()[1].int().tolist() == [[1, 0, 0], [0, 1, 0], [0, 1, 1]]
 
 
 def test_attention_mask_conventions():
-    allowed = torch.tensor([[True, False], [True, True]])
+    allowed = torch.tensor([[[True, False], [True, True]]])
     sdpa, eager = (attention_mask(allowed, type("C", (), {"_attn_implementation": impl}), torch.float32)
                    for impl in ("sdpa", "eager"))
     assert sdpa.shape == (1, 1, 2, 2) and sdpa.dtype == torch.bool
@@ -79,3 +91,13 @@ def test_padding_free_one_token_and_empty_responses_without_grad(model, shared_p
                                           shared_prompt=shared_prompt and p) for p in (False, True))
     torch.testing.assert_close(packed.logprobs, padded.logprobs, rtol=0, atol=1e-5)
     torch.testing.assert_close(packed.entropies, padded.entropies, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("shared_prompt", [False, True])
+def test_padding_free_is_the_padded_forward_where_no_row_would_hold_two(model, shared_prompt):
+    prompts, responses = [[5, 6, 7], [8, 9, 10]], torch.tensor([[20, 21, 22, 23], [24, 25, 26, 0]])
+    mask = torch.tensor([[1.0, 1, 1, 1], [1, 1, 1, 0]])  # 7 and 6 tokens: no room for a second sequence in a row
+    with torch.no_grad():
+        padded, packed = (policy_logprobs(model, prompts, responses, mask, pad_id=0, padding_free=p,
+                                          shared_prompt=shared_prompt) for p in (False, True))
+    assert torch.equal(packed.logprobs, padded.logprobs) and torch.equal(packed.entropies, padded.entropies)

@@ -10,7 +10,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from rlkit.batch import PolicyOutputs
-from rlkit.trainer.packing import packed_hidden, packed_shared_prompt_hidden
+from rlkit.trainer.packing import packed_hidden, packed_shared_prompt_hidden, packs
 from rlkit.trainer.shared_prompt import shared_prompt_hidden
 
 
@@ -77,8 +77,8 @@ def policy_logprobs(
     output embedding is a bias-free linear head (Llama, Qwen2/3, Mistral, SmolLM, ...), and for such a model
     wrapped by peft (LoRA: `trunk`).
     shared_prompt: run each distinct prompt once (`rlkit.trainer.shared_prompt`) instead of once per row.
-    padding_free: run the sequences back to back in one row, no padding (`rlkit.trainer.packing`); with
-    shared_prompt, the distinct prompts in one row and the responses in another.
+    padding_free: pack the sequences into rows as wide as the longest, short ones sharing a row, where that
+    saves a row (`rlkit.trainer.packing`); with shared_prompt, the response bodies on the distinct prompts.
     head_recompute: when backward recomputes each chunk's [chunk,V] logits instead of keeping them from the
     forward: "always", "never", or "auto" (only when there is more than one chunk; one chunk's logits are
     resident when backward starts either way, so recomputing a lone chunk costs time and saves no memory).
@@ -87,11 +87,13 @@ def policy_logprobs(
     body = trunk(model)
     lengths = response_mask.sum(-1).long() if lengths is None else lengths
     rows, steps = response_mask.nonzero(as_tuple=True)
-    if padding_free:
-        packed = packed_shared_prompt_hidden if shared_prompt else packed_hidden
-        picked = packed(body, prompt_ids, response_ids, lengths, rows, steps)
-    elif shared_prompt:
-        picked = shared_prompt_hidden(body, prompt_ids, response_ids, lengths, rows, steps, pad_id)
+    lengths_list = torch.as_tensor(lengths).long().tolist()
+    if shared_prompt:
+        packed = padding_free and packs([max(n - 1, 0) for n in lengths_list])  # the bodies after the shared prompts
+        forward = packed_shared_prompt_hidden if packed else shared_prompt_hidden
+        picked = forward(body, prompt_ids, response_ids, lengths, rows, steps, pad_id)
+    elif padding_free and packs([len(p) + n for p, n in zip(prompt_ids, lengths_list)]):
+        picked = packed_hidden(body, prompt_ids, response_ids, lengths, rows, steps)
     else:
         input_ids, attention, positions = pack_inputs(prompt_ids, response_ids, lengths, pad_id)
         hidden = body(input_ids=input_ids.to(device), attention_mask=attention.to(device)).last_hidden_state

@@ -32,7 +32,7 @@ def row_order(prompt_ids: list[list[int]], lengths: torch.Tensor, *, by_prompt: 
     return by_length[(-longest[group[by_length]]).argsort(stable=True)]  # stable: ties keep the length order
 
 
-def _right_padded(rows: list[torch.Tensor], pad_id: int, min_width: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def right_padded(rows: list[torch.Tensor], pad_id: int, min_width: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """rows of 1-D long tensors -> ids [r,W] right-padded with pad_id, attention mask [r,W] (long);
     W = the longest row, at least min_width."""
     width = max([min_width, *(len(r) for r in rows)])
@@ -63,7 +63,7 @@ def shared_prompt_hidden(base_model: torch.nn.Module, prompt_ids: list[list[int]
     device = next(base_model.parameters()).device
     prompts, group = prompt_groups(prompt_ids)
     prompt_len = torch.tensor([len(p) for p in prompts])
-    ids, mask = _right_padded([torch.tensor(p, dtype=torch.long) for p in prompts], pad_id)
+    ids, mask = right_padded([torch.tensor(p, dtype=torch.long) for p in prompts], pad_id)
     out = base_model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True)
     # token 0 of a response is predicted by its prompt's last position, token t > 0 by response position t - 1
     first = out.last_hidden_state[group.to(device), (prompt_len - 1)[group].to(device)]  # [b,d]
@@ -71,7 +71,7 @@ def shared_prompt_hidden(base_model: torch.nn.Module, prompt_ids: list[list[int]
     body = [response_ids[i, : max(int(n) - 1, 0)].long().cpu() for i, n in enumerate(lengths)]
     # The second forward runs even when no response has a second token (one masked pad column, never read):
     # sharded ranks must pair up every parameter gather, whatever their responses' lengths.
-    body_ids, body_mask = _right_padded(body, pad_id, min_width=1)
+    body_ids, body_mask = right_padded(body, pad_id, min_width=1)
     width = body_ids.shape[1]
     on_device = group.to(device)
     cache = DynamicCache(ddp_cache_data=[(layer.keys[on_device], layer.values[on_device])
