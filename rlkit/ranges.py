@@ -104,7 +104,7 @@ RANGES: dict[str, Range] = {
     "algorithm.policy_loss.options.gamma": POSITIVE,
     "trainer.total_steps": COUNT, "trainer.max_generated_tokens": Range(1, integer=True, null=True),
     "trainer.prompts_per_step": COUNT, "trainer.ppo_epochs": COUNT, "trainer.mini_batches": COUNT,
-    "trainer.micro_batch_size": COUNT, "trainer.micro_batch_tokens": Range(1, integer=True, null=True),
+    "trainer.micro_batch_size": Range(1, integer=True, null=True), "trainer.micro_batch_tokens": Range(1, integer=True, null=True),
     "trainer.logprob_chunk_tokens": COUNT, "trainer.lr": POSITIVE,
     "trainer.weight_decay": NONNEGATIVE, "trainer.betas": Range(0, 1, high_open=True, items=True),
     "trainer.max_grad_norm": Range(0, low_open=True, null=True), "trainer.warmup_steps": COUNT0,

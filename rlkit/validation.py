@@ -71,6 +71,9 @@ def validate(cfg: DictConfig) -> None:
     require(batch % t.mini_batches == 0, "trainer.mini_batches",
              f"the rollout batch ({t.prompts_per_step} prompts x {r.n} = {batch}) must split evenly into "
              f"{t.mini_batches} mini-batches", "choose a divisor of prompts_per_step*rollout.n")
+    require(t.micro_batch_size is not None or t.micro_batch_tokens is not None, "trainer.micro_batch_tokens",
+             "and trainer.micro_batch_size are both null: a micro-batch would be the whole mini-batch, its memory "
+             "unbounded", "set trainer.micro_batch_tokens (e.g. 768) or trainer.micro_batch_size (e.g. 8)")
     require(not (t.shared_prompt_forward and cfg.model.gradient_checkpointing), "trainer.shared_prompt_forward",
              "reads the prompts' KV cache, which gradient checkpointing drops in training",
              "set trainer.shared_prompt_forward=false or model.gradient_checkpointing=false")

@@ -1,7 +1,7 @@
 """One GRPO step, rlkit's `Trainer` vs TRL's `GRPOTrainer`, on the same model, prompts and batch.
 
     python scripts/bench_trl.py [--model DIR] [--prompts 8] [--n 8] [--max-tokens 128] [--steps 3] [--warmup 1]
-        [--micro-batch 8] [--force-full-length] [--trl-vllm] [--shared-prompt on|off] [--padding-free]
+        [--micro-batch 8] [--force-full-length] [--trl-vllm] [--shared-prompt on|off] [--padding-free on|off]
         [--micro-batch-tokens N] [--profile] [--only rlkit|trl] [--out runs/bench_trl.json]
 
 TRL is not an rlkit dependency. Install it next to rlkit without touching rlkit's pins (its own requirements,
@@ -49,6 +49,7 @@ from collections import defaultdict
 from pathlib import Path
 
 FRAMEWORKS = ("rlkit", "trl")
+TRL_MICRO_BATCH = 8  # TRL's per_device_train_batch_size unless --micro-batch: its fastest here (docs/benchmarks.md)
 PHASES = ("generate", "reward", "train", "weight_push", "other")
 
 
@@ -61,18 +62,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=128, help="max new tokens per sample")
     p.add_argument("--steps", type=int, default=3, help="measured steps per framework")
     p.add_argument("--warmup", type=int, default=1, help="warm-up steps before the measured ones")
-    p.add_argument("--micro-batch", type=int, default=8, help="sequences per forward/backward in both "
-                   "frameworks (capped at prompts*n; must divide it; 8: rlkit's default, and TRL's fastest here)")
+    p.add_argument("--micro-batch", type=int, default=None, help="sequences per forward/backward: TRL's "
+                   "per_device_train_batch_size (default 8, its fastest here; capped at prompts*n, must divide it) "
+                   "and, when given, rlkit's row cap trainer.micro_batch_size (default: rlkit's, none)")
     p.add_argument("--force-full-length", action="store_true",
                    help="suppress EOS so every response is exactly --max-tokens long in both frameworks")
     p.add_argument("--trl-vllm", action="store_true", help="TRL generates with colocated vLLM instead of "
                    "transformers generate")
     p.add_argument("--shared-prompt", choices=("on", "off"), default="on", help="rlkit: "
                    "trainer.shared_prompt_forward (each group's prompt runs once; on, rlkit's default)")
-    p.add_argument("--padding-free", action="store_true", help="rlkit: trainer.padding_free=true (a micro-batch's "
-                   "sequences in one row, no padding)")
-    p.add_argument("--micro-batch-tokens", type=int, default=None, help="rlkit: trainer.micro_batch_tokens=N "
-                   "(micro-batches by prompt+response tokens instead of --micro-batch rows; default: off)")
+    p.add_argument("--padding-free", choices=("on", "off"), default="on", help="rlkit: trainer.padding_free "
+                   "(short sequences share a row of a micro-batch; on, rlkit's default)")
+    p.add_argument("--micro-batch-tokens", type=int, default=None, help="rlkit: trainer.micro_batch_tokens=N, "
+                   "prompt+response tokens per micro-batch (default: rlkit's, 1024; 0: no token cap, --micro-batch "
+                   "rows, 8 unless given)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="rlkit: one more config "
                    "override (repeatable), e.g. --set rollout.engine.options.enable_prefix_caching=false")
     p.add_argument("--profile", action="store_true", help="rlkit: profile the last step's training (torch.profiler) "
@@ -80,17 +83,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", choices=FRAMEWORKS, default=None, help="run one framework in this process")
     p.add_argument("--out", default="runs/bench_trl.json", help="JSON results file")
     args = p.parse_args(argv)
-    for name in ("prompts", "n", "max_tokens", "steps", "micro_batch"):
+    for name in ("prompts", "n", "max_tokens", "steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.micro_batch_tokens is not None and args.micro_batch_tokens < 1:
-        p.error("--micro-batch-tokens must be >= 1")
+    if args.micro_batch is not None and args.micro_batch < 1:
+        p.error("--micro-batch must be >= 1")
+    if args.micro_batch_tokens is not None and args.micro_batch_tokens < 0:
+        p.error("--micro-batch-tokens must be >= 0 (0: off)")
     if args.warmup < 0:
         p.error("--warmup must be >= 0")
     batch = args.prompts * args.n
-    args.micro_batch = min(args.micro_batch, batch)
-    if batch % args.micro_batch:
-        p.error(f"--micro-batch {args.micro_batch} must divide prompts*n = {batch}")
+    args.trl_micro_batch = min(args.micro_batch or TRL_MICRO_BATCH, batch)
+    if batch % args.trl_micro_batch:
+        p.error(f"--micro-batch {args.trl_micro_batch} must divide prompts*n = {batch}")
     if args.model is None:
         from rlkit.models.prepare import default_model_dir
 
@@ -99,6 +104,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--model {args.model}: no config.json there; run `make setup` (python -m rlkit.models.prepare) "
                 "or pass --model DIR")
     return args
+
+
+def rlkit_micro_batches(args: argparse.Namespace) -> list[str]:
+    """rlkit's micro-batching overrides: only what the flags change from rlkit's defaults."""
+    tokens = args.micro_batch_tokens
+    rows = TRL_MICRO_BATCH if tokens == 0 and args.micro_batch is None else args.micro_batch
+    return [f"trainer.micro_batch_size={rows}"] * (rows is not None) + \
+        [f"trainer.micro_batch_tokens={tokens or 'null'}"] * (tokens is not None)
 
 
 def shared_config(args: argparse.Namespace, output_dir: str):
@@ -115,11 +128,10 @@ def shared_config(args: argparse.Namespace, output_dir: str):
         f"rollout.max_tokens={args.max_tokens}",
         "rollout.temperature=1.0",
         f"trainer.prompts_per_step={args.prompts}",
-        f"trainer.micro_batch_size={args.micro_batch}",
+        *rlkit_micro_batches(args),
         # rlkit's training levers (docs/benchmarks.md): same result, only the layout of the forward changes
-        f"trainer.micro_batch_tokens={'null' if args.micro_batch_tokens is None else args.micro_batch_tokens}",
         f"trainer.shared_prompt_forward={str(args.shared_prompt == 'on').lower()}",
-        f"trainer.padding_free={str(args.padding_free).lower()}",
+        f"trainer.padding_free={str(args.padding_free == 'on').lower()}",
         f"trainer.total_steps={args.warmup + args.steps}",
         "trainer.ppo_epochs=1",
         "trainer.mini_batches=1",
@@ -446,8 +458,8 @@ def run_trl(args: argparse.Namespace) -> dict:
         config = GRPOConfig(
             output_dir=tmp,
             max_steps=args.warmup + args.steps,
-            per_device_train_batch_size=args.micro_batch,
-            gradient_accumulation_steps=batch // args.micro_batch,  # one optimizer step per generation batch
+            per_device_train_batch_size=args.trl_micro_batch,
+            gradient_accumulation_steps=batch // args.trl_micro_batch,  # one optimizer step per generation batch
             num_generations=args.n,
             max_completion_length=args.max_tokens,
             temperature=cfg.rollout.temperature,
@@ -537,8 +549,9 @@ def settings(args: argparse.Namespace) -> dict:
     return {
         "model": args.model, "prompts": args.prompts, "n": args.n, "max_tokens": args.max_tokens,
         "steps": args.steps, "warmup": args.warmup, "micro_batch": args.micro_batch,
+        "trl_micro_batch": args.trl_micro_batch,
         "force_full_length": args.force_full_length, "trl_vllm": args.trl_vllm, "dtype": "float32",
-        "rlkit_overrides": args.set, "rlkit_levers": {"shared_prompt_forward": args.shared_prompt == "on", "padding_free": args.padding_free,
+        "rlkit_overrides": args.set, "rlkit_levers": {"shared_prompt_forward": args.shared_prompt == "on", "padding_free": args.padding_free == "on",
                          "micro_batch_tokens": args.micro_batch_tokens},
         "temperature": 1.0, "kl": 0.0, "versions": versions, "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "device": "cuda" if torch.cuda.is_available() else "cpu",
@@ -597,12 +610,14 @@ def write(result: dict, out: str) -> None:
 def child_argv(args: argparse.Namespace, only: str, out: str) -> list[str]:
     argv = [sys.executable, str(Path(__file__).resolve()), "--model", args.model, "--prompts", str(args.prompts),
             "--n", str(args.n), "--max-tokens", str(args.max_tokens), "--steps", str(args.steps),
-            "--warmup", str(args.warmup), "--micro-batch", str(args.micro_batch), "--only", only, "--out", out]
+            "--warmup", str(args.warmup), "--only", only, "--out", out]
+    if args.micro_batch is not None:
+        argv += ["--micro-batch", str(args.micro_batch)]
     if args.force_full_length:
         argv.append("--force-full-length")
     if args.trl_vllm:
         argv.append("--trl-vllm")
-    argv += ["--shared-prompt", args.shared_prompt] + ["--padding-free"] * args.padding_free
+    argv += ["--shared-prompt", args.shared_prompt, "--padding-free", args.padding_free]
     if args.micro_batch_tokens is not None:
         argv += ["--micro-batch-tokens", str(args.micro_batch_tokens)]
     if args.profile:

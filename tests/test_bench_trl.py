@@ -42,17 +42,20 @@ def test_rlkit_levers_reach_the_config_and_the_child_processes(tiny_model_dir, t
     bench = _script()
     cfg = _config(bench, tiny_model_dir, tmp_path)
     assert (cfg.trainer.shared_prompt_forward, cfg.trainer.padding_free, cfg.trainer.micro_batch_tokens,
-            cfg.trainer.micro_batch_size) == (True, False, None, 4)  # rlkit's defaults (8 rows, capped at 2 x 2)
-    levers = ["--shared-prompt", "off", "--padding-free", "--micro-batch-tokens", "300",
+            cfg.trainer.micro_batch_size) == (True, True, 1024, None)  # rlkit's defaults
+    assert bench.parse_args(["--model", str(tiny_model_dir), "--prompts", "2", "--n", "2"]).trl_micro_batch == 4  # 8, capped
+    rows_only = _config(bench, tiny_model_dir, tmp_path, "--micro-batch-tokens", "0")
+    assert (rows_only.trainer.micro_batch_tokens, rows_only.trainer.micro_batch_size) == (None, 8)
+    levers = ["--shared-prompt", "off", "--padding-free", "off", "--micro-batch-tokens", "300", "--micro-batch", "2",
               "--set", "rollout.engine.options.enable_prefix_caching=false", "--set", "trainer.logprob_chunk_tokens=64"]
     cfg = _config(bench, tiny_model_dir, tmp_path, *levers)
-    assert (cfg.trainer.shared_prompt_forward, cfg.trainer.padding_free, cfg.trainer.micro_batch_tokens) == \
-        (False, True, 300)
+    assert (cfg.trainer.shared_prompt_forward, cfg.trainer.padding_free, cfg.trainer.micro_batch_tokens,
+            cfg.trainer.micro_batch_size) == (False, False, 300, 2)
     assert cfg.rollout.engine.options.enable_prefix_caching is False and cfg.trainer.logprob_chunk_tokens == 64
     args = bench.parse_args(["--model", str(tiny_model_dir), *levers])
     child = bench.parse_args(bench.child_argv(args, "rlkit", "out.json")[2:])
-    assert (child.micro_batch_tokens, child.padding_free, child.shared_prompt, child.set) == \
-        (300, True, "off", ["rollout.engine.options.enable_prefix_caching=false", "trainer.logprob_chunk_tokens=64"])
+    assert (child.micro_batch_tokens, child.micro_batch, child.padding_free, child.shared_prompt, child.set) == \
+        (300, 2, "off", "off", ["rollout.engine.options.enable_prefix_caching=false", "trainer.logprob_chunk_tokens=64"])
 
 
 @pytest.mark.slow

@@ -18,6 +18,12 @@ def test_token_budget_is_greedy_and_a_longer_row_runs_alone():
     # 12 > 10 alone; 6+4 = 10 fits; 3+3+3 = 9, +2 = 11 does not; 2+1
     assert micro_batch_sizes([12, 6, 4, 3, 3, 3, 2, 1], rows=99, budget=10) == [1, 2, 3, 2]
     assert micro_batch_sizes([5, 5, 5], rows=1, budget=1) == [1, 1, 1]
+    assert micro_batch_sizes([12, 6, 4, 3, 3, 3, 2, 1], rows=None, budget=10) == [1, 2, 3, 2]  # no row cap
+
+
+def test_both_caps_hold_together():
+    # budget 10 alone: [1, 2, 3, 2]; at most 2 rows too: 3+3 | 3+2 | 1
+    assert micro_batch_sizes([12, 6, 4, 3, 3, 3, 2, 1], rows=2, budget=10) == [1, 2, 2, 2, 1]
 
 
 def test_split_to_halves_the_largest_in_place():

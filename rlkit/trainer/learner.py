@@ -28,6 +28,7 @@ from rlkit.batch import PolicyOutputs, RolloutBatch
 from rlkit.ranks import Ranks
 from rlkit.registry import Plugin
 from rlkit.trainer import lora
+from rlkit.trainer.gradients import sum_over_ranks
 from rlkit.trainer.metrics import UpdateStats
 from rlkit.trainer.micro_batches import micro_batch_sizes, rank_share, row_tokens, split_to
 from rlkit.trainer.setup import load_policy
@@ -35,7 +36,6 @@ from rlkit.trainer.sharding import (clip_grad_norm, full_model_state, full_optim
                                     load_full_model_state, load_full_optimizer_state)
 
 log = logging.getLogger("rlkit")
-GRAD_BUCKET_ELEMENTS = 2**25  # gradients are summed over ranks in flat buckets of at most this many elements
 SEED_MIX = 1_000_003  # seeds derived from cfg.seed: a large prime keeps runs with nearby seeds apart
 
 
@@ -198,8 +198,8 @@ class Learner:
         return result
 
     def _micro_batch_sizes(self, tokens: list[int], *, agree: bool) -> list[int]:
-        """Row counts of the consecutive micro-batches over rows of `tokens` tokens each (trainer.micro_batch_size
-        rows, or trainer.micro_batch_tokens tokens; rlkit.trainer.micro_batches). agree: every rank runs as many
+        """Row counts of the consecutive micro-batches over rows of `tokens` tokens each (at most
+        trainer.micro_batch_size rows and trainer.micro_batch_tokens tokens, where set; rlkit.trainer.micro_batches). agree: every rank runs as many
         micro-batches as the rank that needs the most (one all-reduce; ranks with equal row counts, as in
         `update`, can always split that far), so forwards, backwards and plug-ins' collectives pair up."""
         t = self.cfg.trainer
@@ -306,7 +306,7 @@ class Learner:
         Data parallel: one summing all-reduce here. Sharded (FSDP2): backward reduce-scattered each gradient as
         a sum over ranks already, so each rank scales and clips its shards (the norm is taken over every rank)."""
         if not self.sharded:
-            self._sum_gradients()
+            sum_over_ranks((p for p in self.model.parameters() if p.requires_grad), self.world_size)
         scale = 1 / normalizer if normalizer > 0 else 0.0
         for param in self.model.parameters():
             if param.grad is not None:
@@ -319,24 +319,6 @@ class Learner:
         self.optimizer.zero_grad(set_to_none=True)
         for plugin in self.plugins.values():
             plugin.after_optimizer_step()
-
-    def _sum_gradients(self) -> None:
-        """Every trainable parameter's gradient summed over ranks, in flat buckets (a missing gradient counts as 0)."""
-        if self.world_size == 1:
-            return
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        bucket: list[torch.Tensor] = []
-        for i, p in enumerate(params):
-            bucket.append(p.grad)
-            if i == len(params) - 1 or sum(g.numel() for g in bucket) + params[i + 1].numel() > GRAD_BUCKET_ELEMENTS:
-                flat = torch.cat([g.reshape(-1) for g in bucket])
-                torch.distributed.all_reduce(flat)
-                for g, summed in zip(bucket, flat.split([g.numel() for g in bucket])):
-                    g.copy_(summed.view_as(g))
-                bucket = []
 
     def _logprobs(self, forward: torch.nn.Module, batch: RolloutBatch, *, grad: bool = False, hidden: bool = False):
         """`policy_logprobs` of `batch` through `forward` (a LogprobsForward) at the sampling temperature

@@ -1,5 +1,5 @@
-"""How a mini-batch's rows are dealt to ranks, and how a rank's rows split into micro-batches: a fixed number of
-rows each, or as many as fit a token budget.
+"""How a mini-batch's rows are dealt to ranks, and how a rank's rows split into micro-batches: as many rows as
+fit a token budget (trainer.micro_batch_tokens) and a row cap (trainer.micro_batch_size), each where set.
 
 A micro-batch is a run of consecutive rows (`rank_share` sorts a share by length first, so similar lengths share
 one). With a budget (trainer.micro_batch_tokens) memory is bounded by tokens, not rows, and short rows make
@@ -38,15 +38,13 @@ def row_tokens(prompt_ids: list[list[int]], lengths: torch.Tensor, rows: torch.T
     return [len(prompt_ids[i]) + int(lengths[i]) for i in rows]
 
 
-def micro_batch_sizes(tokens: list[int], *, rows: int, budget: int | None) -> list[int]:
+def micro_batch_sizes(tokens: list[int], *, rows: int | None, budget: int | None) -> list[int]:
     """Row counts of consecutive micro-batches over rows of `tokens` (prompt+response) tokens each, in order:
-    `rows` rows each without a budget; with one, greedily as many rows as keep the sum within `budget`
-    (a row longer than the budget alone). [] for no rows."""
-    if budget is None:
-        return [min(rows, len(tokens) - start) for start in range(0, len(tokens), rows)]
+    greedily as many rows as keep both caps, at most `rows` rows and at most `budget` tokens (None: no such cap;
+    a row longer than the budget alone). [] for no rows."""
     sizes, used = [], 0
     for n in tokens:
-        if sizes and used + n <= budget:
+        if sizes and (rows is None or sizes[-1] < rows) and (budget is None or used + n <= budget):
             sizes[-1], used = sizes[-1] + 1, used + n
         else:
             sizes, used = sizes + [1], n
