@@ -31,7 +31,8 @@ def learner_overrides(model_dir) -> list[str]:
     """Two mini-batches (two optimizer steps, clipped) of micro-batches of one row, the prompt run once per
     micro-batch."""
     return [f"model.path={model_dir}", "trainer.lr=1e-3", "rollout.max_tokens=8", "trainer.mini_batches=2",
-            "trainer.micro_batch_size=1", "trainer.max_grad_norm=0.05", "trainer.shared_prompt_forward=true"]
+            "trainer.micro_batch_size=1", "trainer.micro_batch_tokens=null", "trainer.padding_free=false",
+            "trainer.max_grad_norm=0.05", "trainer.shared_prompt_forward=true"]
 
 
 def learner_batch(pad_id: int) -> RolloutBatch:

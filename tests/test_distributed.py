@@ -27,7 +27,8 @@ LAUNCH_CONFIG = ROOT / "configs" / "accelerate" / "cpu_ddp_2.yaml"
 FSDP2_LAUNCH = ["--config_file", str(ROOT / "configs" / "accelerate" / "fsdp2.yaml"), "--num_processes", "2",
                 "--mixed_precision", "no"]
 COMMON = ["rollout.n=4", "rollout.max_tokens=16", "rollout.engine.options.max_model_len=256",
-          "trainer.prompts_per_step=4", "trainer.micro_batch_size=8", "reward.num_workers=1", "data.limit=64",
+          "trainer.prompts_per_step=4", "trainer.micro_batch_size=8", "trainer.micro_batch_tokens=null",
+          "trainer.padding_free=false", "reward.num_workers=1", "data.limit=64",
           "logging.progress_bar=false", "reward.verifier=rl_tasks:contains_seven", "trainer.lr=1e-3",
           "trainer.warmup_steps=2", "trainer.save_every=0", "trainer.total_steps=4"]
 # DAPO's resampling (zero_variance filter, several rounds) with GRPO-λ's top-λ ranking of the batch's groups.
@@ -127,7 +128,7 @@ def test_two_processes_with_token_budget_and_padding_free_train_the_weights_of_o
     needs) and trainer.padding_free on two processes, with CAPO's per-micro-batch collectives: the weights of one
     process with fixed, padded micro-batches."""
     launch(runs, tiny_model_dir, "capo_levers_2", "+recipe=capo", "trainer.micro_batch_tokens=120",
-           "trainer.padding_free=true", procs=2)
+           "trainer.micro_batch_size=null", "trainer.padding_free=true", procs=2)
     _assert_same_training(runs / "capo_1", runs / "capo_levers_2", strays=True)
 
 

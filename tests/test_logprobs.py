@@ -90,7 +90,10 @@ def trainer_and_batch(tiny_model_dir, tmp_path_factory):
     cfg = compose([f"model.path={tiny_model_dir}", f"logging.output_dir={tmp_path_factory.mktemp('runs')}",
                    "logging.run_name=invariance", "rollout.engine=hf", "rollout.n=4", "rollout.max_tokens=12",
                    "trainer.prompts_per_step=4", "reward.num_workers=0", "data.limit=16", "logging.progress_bar=false",
-                   "reward.verifier=rl_tasks:contains_seven"])
+                   "reward.verifier=rl_tasks:contains_seven",
+                   # the plain layout (padded rows, each prompt per row) that the levers' tests compare against
+                   "trainer.shared_prompt_forward=false", "trainer.padding_free=false",
+                   "trainer.micro_batch_tokens=null", "trainer.micro_batch_size=8"])
     trainer = Trainer(cfg)
     batch = trainer.collect().batch
     batch.advantages = torch.randn(batch.response_mask.shape, generator=torch.Generator().manual_seed(0))
@@ -199,7 +202,7 @@ def test_token_budget_gives_the_same_step_within_budget(trainer_and_batch, rows)
     trainer, batch = trainer_and_batch
     budget = max(1, int(rows * max(row_tokens(batch.prompt_ids, batch.lengths, torch.arange(len(batch))))))
     trainer.cfg.algorithm.loss.agg = "seq-mean-token-mean"
-    learner, seen = trainer.learner, []
+    learner, seen, default_budget = trainer.learner, [], trainer.cfg.trainer.micro_batch_tokens
     micro_loss = learner._micro_loss
     learner._micro_loss = lambda part, *a: seen.append(row_tokens(part.prompt_ids, part.lengths, torch.arange(len(part)))) or micro_loss(part, *a)
     try:
@@ -209,7 +212,7 @@ def test_token_budget_gives_the_same_step_within_budget(trainer_and_batch, rows)
         for g_whole, g_budget in zip(whole, _gradients(trainer, batch, len(batch))):
             torch.testing.assert_close(g_budget, g_whole, rtol=0, atol=1e-6)
     finally:
-        trainer.cfg.trainer.micro_batch_tokens = None
+        trainer.cfg.trainer.micro_batch_tokens = default_budget
         del learner._micro_loss
     assert sum(map(len, seen)) == len(batch) and (budget > 1) == (len(seen) < len(batch))
     assert all(sum(tokens) <= budget or len(tokens) == 1 for tokens in seen)

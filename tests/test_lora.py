@@ -15,6 +15,7 @@ from rlkit.rollout import SamplingConfig, create_engine
 from rlkit.trainer import lora
 from rlkit.trainer.learner import Learner
 from rlkit.trainer.logprobs import policy_logprobs
+from rlkit.trainer.packing import packs
 from rlkit.trainer.setup import make_accelerator
 from rlkit.trainer.trainer import Trainer
 
@@ -114,9 +115,11 @@ def test_the_forward_reaches_the_trunk_through_peft(tiny_model_dir, layout):
     for name, p in learner.model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.2)
-    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0], [11, 12, 13, 0]])
-    mask = torch.tensor([[1.0, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]])
-    prompts = [[1, 2, 3], [4], [1, 2, 3]]
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0], [11, 0, 0, 0], [12, 13, 0, 0]])
+    mask = (ids != 0).float()
+    prompts = [[1, 2, 3], [4], [1, 2, 3], [4]]
+    # padding-free packs: sequences of 7, 3, 4, 3 tokens fill 3 rows of 7; response bodies of 3, 1, 0, 1 fill 2 of 3
+    assert packs([7, 3, 4, 3]) and packs([3, 1, 0, 1])
     args = dict(pad_id=0, return_hidden=True, **layout)
     with torch.no_grad():
         peft = policy_logprobs(learner.model, prompts, ids, mask, **args)

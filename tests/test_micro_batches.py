@@ -66,3 +66,14 @@ def test_rank_share_deals_rows_by_length_round_robin_and_pads_a_short_share():
     # by prompt: [1] rows (0, 3, 2) stay together, then the [1, 2] rows (4, 1)
     assert rank_share(prompts, lengths, rows, Ranks(), by_prompt=True)[0].tolist() == [0, 3, 2, 4, 1]
     assert row_tokens(prompts, lengths, torch.tensor([1, 0])) == [3, 5]
+
+
+def test_a_micro_batch_needs_a_row_cap_or_a_token_budget():
+    from rlkit.config import compose
+    from rlkit.errors import ConfigError
+    from rlkit.validation import validate
+
+    validate(compose(["trainer.micro_batch_size=8", "trainer.micro_batch_tokens=null"]))
+    validate(compose(["trainer.micro_batch_size=8"]))  # both caps
+    with pytest.raises(ConfigError, match=r"both null.*Fix: set trainer.micro_batch_tokens"):
+        validate(compose(["trainer.micro_batch_size=null", "trainer.micro_batch_tokens=null"]))

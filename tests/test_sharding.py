@@ -116,7 +116,7 @@ def test_token_budget_and_padding_free_under_fsdp2_train_what_fixed_padded_micro
     learner = Learner(cfg, build_plugins(cfg), make_accelerator(cfg))
     learner.update(learner_batch(learner.pad_id))
     _run_workers(tmp_path, tiny_model_dir, 2, "trainer.mini_batches=1", "trainer.micro_batch_tokens=8",
-                 "trainer.padding_free=true")
+                 "trainer.micro_batch_size=null", "trainer.padding_free=true")
     for name, tensor in load_file(tmp_path / "after.safetensors").items():
         torch.testing.assert_close(tensor, dict(learner.weights())[name], rtol=0, atol=ATOL)
 
