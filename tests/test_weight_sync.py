@@ -1,4 +1,6 @@
 """After an optimizer step and a push, the vLLM engine samples from exactly the trainer's weights."""
+import os
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -45,6 +47,7 @@ def test_pushed_weights_match_trainer(request, fixture, engine_name):
     engine = create_engine(engine_name, str(model_dir), **options)
     if engine_name == "vllm":  # kv_cache_gib sizes the cache in bytes, over VLLM_CPU_KVCACHE_SPACE=1 (conftest.py)
         assert engine.llm.llm_engine.vllm_config.cache_config.kv_cache_memory_bytes == 2**29
+        assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "1"  # hidden only while the engine started: servers see it
         assert engine.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs == 2  # 3 prompts x n: decoded 2 at a time
     prompts = [[11, 12, 13, 14], [20, 21], [30, 31, 32, 33, 34, 35]]
     try:

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import os
-from typing import Iterable, Literal
+from contextlib import contextmanager
+from typing import Iterable, Iterator, Literal
 
 import torch
 
@@ -20,6 +21,16 @@ def _configure_vllm_env() -> None:
     if "VLLM_LOGGING_CONFIG_PATH" not in os.environ:  # vLLM refuses a config file with its logging off
         # rlkit routes vLLM's records (rlkit.logs); vLLM would replace that with its own stdout handler.
         os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
+
+
+@contextmanager
+def _env_hidden(*names: str) -> Iterator[None]:
+    """The environment variables `names` removed from os.environ inside the block, restored after it."""
+    saved = {name: os.environ.pop(name) for name in names if name in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
 
 
 class VLLMEngine:
@@ -65,20 +76,23 @@ class VLLMEngine:
             kwargs["enable_chunked_prefill"] = False
             kwargs["max_num_batched_tokens"] = max(max_model_len, 8192)
             if kv_cache_gib is not None or "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
-                os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # whole GiB only, and it would override the key
                 kwargs["kv_cache_memory_bytes"] = int((kv_cache_gib or CPU_KV_CACHE_GIB) * 2**30)
-        self.llm = LLM(
-            model=model_path,
-            dtype=dtype,
-            max_model_len=max_model_len,
-            seed=seed,
-            enforce_eager=True,
-            distributed_executor_backend="uni",
-            enable_prefix_caching=enable_prefix_caching,
-            logprobs_mode="processed_logprobs",
-            weight_transfer_config=WeightTransferConfig(backend=register()),
-            **kwargs,
-        )
+        # vLLM's CPU platform lets VLLM_CPU_KVCACHE_SPACE (whole GiB) override kv_cache_memory_bytes while the
+        # engine starts: hidden for that time only, so servers and engines started later still see it
+        hidden = ("VLLM_CPU_KVCACHE_SPACE",) if "kv_cache_memory_bytes" in kwargs else ()
+        with _env_hidden(*hidden):
+            self.llm = LLM(
+                model=model_path,
+                dtype=dtype,
+                max_model_len=max_model_len,
+                seed=seed,
+                enforce_eager=True,
+                distributed_executor_backend="uni",
+                enable_prefix_caching=enable_prefix_caching,
+                logprobs_mode="processed_logprobs",
+                weight_transfer_config=WeightTransferConfig(backend=register()),
+                **kwargs,
+            )
         self.llm.init_weight_transfer_engine({"init_info": {}})
         self._version = 0
         self._sleeping = False
