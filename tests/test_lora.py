@@ -281,7 +281,9 @@ def test_reward_rises_on_easy_task_with_lora(tmp_path, tiny_model_dir):
     rewards = [m["reward/mean"] for m in metrics]
     first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
     assert last > first + 0.1, rewards
-    assert max(m["rollout/logprob_gap_max"] for m in metrics) < 1e-4
+    # The engine holds W + s*BA merged, the trainer computes W x + s*B(A x): at lr 5e-2 the adapter grows large
+    # and the two roundings part by up to 1.8e-4 (measured, either forward layout); a missed push gives > 1e-2.
+    assert max(m["rollout/logprob_gap_max"] for m in metrics) < 1e-3
 
 
 @pytest.mark.slow
