@@ -12,7 +12,8 @@ from rlkit.sampling.collect import ScoredSample
 from rlkit.sampling.critique import CritiqueSampler
 from rlkit.sampling.filters import drop_zero_variance, keep_all
 from rlkit.sampling.fr3e import FR3ESampler
-from rlkit.trainer.metrics import MetricsLogger, pick_samples, reward_views, trained_tokens
+from rlkit.trainer.metrics import (MetricsLogger, pick_samples, process_memory_gib, reward_views, step_metrics,
+                                   trained_tokens)
 from test_critique import ROWS as QUESTIONS, _context as critique_context, tokenizer  # noqa: F401 (fixture)
 from test_fr3e import ROWS, FakeEngine, fake_context
 
@@ -114,3 +115,15 @@ def test_trained_tokens_count_each_prompt_per_row_and_once():
                          prompt_index=torch.tensor([0, 0, 1]), truncated=torch.zeros(3, dtype=torch.bool),
                          rows=[{}] * 3, texts=[""] * 3)
     assert trained_tokens(batch) == {"batch/tokens_trained": 7 + 3 + 3 + 1, "batch/tokens_trained_distinct": 7 + 3 + 1}
+
+
+def test_step_metrics_report_this_process_memory():
+    before, peak_before = process_memory_gib()
+    block = torch.ones(2**28 // 4)  # 256 MiB, touched
+    during, peak_during = process_memory_gib()
+    assert during - before > 0.2 and peak_during >= during > 0
+    del block
+    after, peak_after = process_memory_gib()
+    assert during - after > 0.2 and peak_after > after + 0.2  # the peak remembers the freed block
+    m = step_metrics({"step": 2.0}, {"response/tokens": 10.0}, lr=1e-3, rounds=1)
+    assert m["perf/tokens_per_s"] == 5.0 and m["perf/rss_peak_gib"] >= peak_after and m["perf/rss_gib"] > 0

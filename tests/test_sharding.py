@@ -47,7 +47,8 @@ def _run_workers(out: Path, model: Path, procs: int, *overrides: str) -> dict:
            str(Path(__file__).parent / "sharded_worker.py"), str(model), str(out), *overrides]
     env = {**os.environ, **FSDP2, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(ROOT)])}
     done = subprocess.run(cmd, env=env, cwd=out, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
+    # both ends: a rank's own error comes first, torchrun's stopping of the other rank last
+    assert done.returncode == 0, done.stderr if len(done.stderr) < 8000 else done.stderr[:4000] + "\n...\n" + done.stderr[-4000:]
     return json.loads((out / "result.json").read_text())
 
 

@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
+import sys
 from collections import defaultdict
 from pathlib import Path
 
+import psutil
 import torch
 
 from rlkit.algorithms import zero_variance_groups
@@ -137,14 +140,23 @@ def reward_views(scored: list[ScoredSample], batch: RolloutBatch, verifier_rewar
 
 
 def step_metrics(timer: dict[str, float], metrics: dict[str, float], *, lr: float, rounds: int) -> dict[str, float]:
-    """Timings, throughput, learning rate and peak GPU memory of one step."""
+    """Timings, throughput, learning rate, the process's memory and peak GPU memory of one step."""
     out = {f"time/{k}": v for k, v in timer.items()}
     out["perf/tokens_per_s"] = metrics.get("response/tokens", 0.0) / timer["step"]
     out["actor/lr"] = lr
     out["batch/sample_rounds"] = float(rounds)
+    out["perf/rss_gib"], out["perf/rss_peak_gib"] = process_memory_gib()
     if torch.cuda.is_available():
         out["perf/gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return out
+
+
+def process_memory_gib() -> tuple[float, float]:
+    """(resident, peak resident since start) memory of this process in GiB; a colocated vLLM engine lives in
+    the same process, so both count it."""
+    resident = psutil.Process().memory_info().rss
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    return resident / 2**30, max(peak, resident) / 2**30  # the kernel's high-water mark lags a little
 
 
 class UpdateStats:
