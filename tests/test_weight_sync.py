@@ -1,6 +1,7 @@
 """After an optimizer step and a push, the vLLM engine samples from exactly the trainer's weights."""
 import os
 
+import psutil
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -43,7 +44,8 @@ def _train_one_step(model, lr=5e-2):
 def test_pushed_weights_match_trainer(request, fixture, engine_name):
     model_dir = request.getfixturevalue(fixture)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    options = {"max_model_len": 256, "kv_cache_gib": 0.5, "max_num_seqs": 2} if engine_name == "vllm" else {}
+    options = {"max_model_len": 256, "kv_cache_gib": 0.5, "max_num_seqs": 2, "release_kv_cache": True} \
+        if engine_name == "vllm" else {}
     engine = create_engine(engine_name, str(model_dir), **options)
     if engine_name == "vllm":  # kv_cache_gib sizes the cache in bytes, over VLLM_CPU_KVCACHE_SPACE=1 (conftest.py)
         assert engine.llm.llm_engine.vllm_config.cache_config.kv_cache_memory_bytes == 2**29
@@ -55,6 +57,8 @@ def test_pushed_weights_match_trainer(request, fixture, engine_name):
             batch = _sample(engine, prompts, temperature, seed=1)
             gap = (_trainer_logprobs(model, batch, temperature) - batch.behavior_logprobs).abs() * batch.response_mask
             assert gap.max() < 1e-4
+        if engine_name == "vllm":  # the update's sleep returns the KV cache's memory; wake gives it back zeroed
+            _kv_cache_released_and_restored(engine, prompts, batch)
 
         _train_one_step(model)
         stale = _sample(engine, prompts, 1.0, seed=2)
@@ -68,6 +72,21 @@ def test_pushed_weights_match_trainer(request, fixture, engine_name):
             assert gap.max() < 1e-4
     finally:
         engine.close()
+
+
+def _kv_cache_released_and_restored(engine, prompts, sampled):
+    """`sampled`: a batch `engine` sampled at temperature 0.7, seed 1, before the release."""
+    size = engine.kv_cache_bytes()
+    resident = psutil.Process().memory_info().rss
+    engine.sleep()
+    assert engine.kv_cache_bytes() == 0 and resident - psutil.Process().memory_info().rss > 0.9 * size
+    engine.wake()
+    assert engine.kv_cache_bytes() == size > 0.9 * 2**29
+    assert engine.llm.collective_rpc(lambda worker: all(
+        not tensor.any() for tensor in worker.model_runner.kv_caches)) == [True]  # zeroed, as vLLM allocates it
+    again = _sample(engine, prompts, 0.7, seed=1)  # the same samples: no prefix from before the release is reused
+    assert torch.equal(again.response_ids, sampled.response_ids)
+    assert torch.equal(again.behavior_logprobs, sampled.behavior_logprobs)
 
 
 @pytest.mark.slow

@@ -23,6 +23,32 @@ def _configure_vllm_env() -> None:
         os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
 
 
+def _kv_storages(worker) -> list[torch.UntypedStorage]:
+    """The distinct storages under a vLLM worker's KV cache tensors (layers may view one buffer)."""
+    storages = {}
+    for tensor in worker.model_runner.kv_caches:
+        storage = tensor.untyped_storage()
+        storages.setdefault(storage._cdata, storage)  # the C++ storage itself: data pointers change on resize
+    return list(storages.values())
+
+
+def release_kv_cache(worker) -> None:
+    """On the vLLM worker (`LLM.collective_rpc`): every KV cache storage resized to nothing, its size kept. The
+    cache's tensors stay as they are, views of storages that hold no memory until `restore_kv_cache`."""
+    worker.rlkit_released_kv = [(storage, storage.nbytes()) for storage in _kv_storages(worker)]
+    for storage, _ in worker.rlkit_released_kv:
+        storage.resize_(0)
+
+
+def restore_kv_cache(worker) -> None:
+    """On the vLLM worker: the storages `release_kv_cache` emptied, allocated again at their size and zeroed (as
+    vLLM allocates them), so the cache's tensors are whole again."""
+    for storage, nbytes in worker.rlkit_released_kv:
+        storage.resize_(nbytes)
+        storage.fill_(0)
+    worker.rlkit_released_kv = []
+
+
 @contextmanager
 def _env_hidden(*names: str) -> Iterator[None]:
     """The environment variables `names` removed from os.environ inside the block, restored after it."""
@@ -52,11 +78,14 @@ class VLLMEngine:
         seed: int = 0,
         kv_cache_gib: float | Literal["auto"] | None = None,
         max_num_seqs: int | None = None,
+        release_kv_cache: bool = False,
     ):
-        """kv_cache_gib (CPU): the KV cache's size, allocated and zeroed at start, so resident for the whole run
-        (None: VLLM_CPU_KVCACHE_SPACE if set, else CPU_KV_CACHE_GIB; vLLM alone would take most of the free memory;
-        `rlkit.rollout.make_engine` turns the config's `auto` into the size of the batch, rlkit.rollout.kv_cache).
-        max_num_seqs: sequences vLLM decodes at once (None: vLLM's default for the platform)."""
+        """kv_cache_gib (CPU): the KV cache's size, allocated and zeroed at start (None: VLLM_CPU_KVCACHE_SPACE if
+        set, else CPU_KV_CACHE_GIB; vLLM alone would take most of the free memory; `rlkit.rollout.make_engine` turns
+        the config's `auto` into the size of the batch, rlkit.rollout.kv_cache).
+        max_num_seqs: sequences vLLM decodes at once (None: vLLM's default for the platform).
+        release_kv_cache (CPU, where vLLM has no sleep mode): `sleep` returns the KV cache's memory to the system
+        and `wake` allocates and zeroes it again, so the cache is not resident while the trainer updates."""
         if kv_cache_gib == "auto":
             raise ValueError("kv_cache_gib='auto' is sized from the batch: build the engine with "
                              "rlkit.rollout.make_engine(spec, model_path, dtype, shape), or give a size in GiB")
@@ -97,6 +126,7 @@ class VLLMEngine:
         self._version = 0
         self._sleeping = False
         self._sleep_mode = enable_sleep_mode and torch.cuda.is_available()
+        self._release_kv_cache = release_kv_cache and not torch.cuda.is_available()
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[Completion]:
         from vllm import SamplingParams
@@ -138,15 +168,30 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
 
     def sleep(self) -> None:
-        """Frees vLLM's weights and KV cache (GPU with rollout.engine.options.enable_sleep_mode; else nothing)."""
-        if self._sleep_mode and not self._sleeping:
+        """Frees vLLM's weights and KV cache (GPU with rollout.engine.options.enable_sleep_mode), or the KV cache
+        (CPU with release_kv_cache); else nothing."""
+        if self._sleeping or not (self._sleep_mode or self._release_kv_cache):
+            return
+        if self._sleep_mode:
             self.llm.sleep(level=1)
-            self._sleeping = True
+        else:
+            self.llm.collective_rpc(release_kv_cache)
+        self._sleeping = True
 
     def wake(self) -> None:
-        if self._sleeping:
+        """Undoes `sleep`: a released KV cache comes back zeroed, and no prefix is cached in it any more."""
+        if not self._sleeping:
+            return
+        if self._sleep_mode:
             self.llm.wake_up()
-            self._sleeping = False
+        else:
+            self.llm.collective_rpc(restore_kv_cache)
+            self.llm.reset_prefix_cache()
+        self._sleeping = False
+
+    def kv_cache_bytes(self) -> int:
+        """Bytes the KV cache holds now (0 while released)."""
+        return sum(self.llm.collective_rpc(lambda worker: sum(s.nbytes() for s in _kv_storages(worker))))
 
     def close(self) -> None:
         engine = getattr(self, "llm", None)
