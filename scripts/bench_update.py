@@ -7,7 +7,8 @@ and the rate of each matmul shape.
 The training phase of `scripts/bench_trl.py` without generation, so a training lever is measured in a minute:
 `--prompts` prompts of 35-55 random tokens, `--n` responses each, of 4-49 random tokens (natural lengths like the
 default job's middle steps) or every one `--max-tokens` long (`--full-length`), seeded, the same batch for every
-setting. Each of `--repeats` updates is timed, then one more runs under torch.profiler, which counts the FLOPs of
+setting. Each of `--repeats` updates is timed (then the process's peak RSS and the matmul peak are read), then one
+more runs under torch.profiler, which counts the FLOPs of
 every matmul: "done" against "needed" (6 x the non-embedding parameters per distinct token, each group's prompt
 once, and 6 x the LM head per response token: the count scripts/bench_trl.py rates training by). `--compile`
 wraps each decoder layer's MLP and RMSNorms in torch.compile (dynamic shapes), the element-wise ops a compiler
@@ -125,16 +126,16 @@ def main(argv: list[str] | None = None) -> dict:
         tick = time.perf_counter()
         learner.update(batch)
         seconds.append(time.perf_counter() - tick)
+    peak_rss, peak = process_memory_gib()[1], matmul_peak_gflops()  # before the profiler's records take memory
     with profile(activities=[ProfilerActivity.CPU], with_flops=True, record_shapes=True) as prof:
         learner.update(batch)
     shapes = matmul_shapes(prof.key_averages(group_by_input_shape=True))
-    peak, needed = matmul_peak_gflops(), needed_flops(learner.model, batch)
-    median = statistics.median(seconds)
+    needed, median = needed_flops(learner.model, batch), statistics.median(seconds)
     mm_seconds, mm_flops = sum(r["seconds"] for r in shapes), sum(r["flops"] for r in shapes)
     result = {
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "response_tokens": int(batch.response_mask.sum()), "update_s": seconds, "median_s": median,
-        "peak_rss_gib": process_memory_gib()[1], "matmul_peak_gflops": peak,
+        "peak_rss_gib": peak_rss, "matmul_peak_gflops": peak,
         "needed_tflop": needed / 1e12, "train_gflops": needed / median / 1e9, "train_peak_frac": needed / median / 1e9 / peak,
         "profiled": {"total_s": sum(e.self_cpu_time_total for e in prof.key_averages()) / 1e6, "matmul_s": mm_seconds,
                      "matmul_tflop_done": mm_flops / 1e12, "matmul_gflops": mm_flops / mm_seconds / 1e9 if mm_seconds else 0.0,
