@@ -6,6 +6,8 @@ tests share them, the last one kills the second. The server finds rlkit's weight
 """
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -33,6 +35,20 @@ def test_shared_memory_layout_round_trips(tmp_path):
         assert name == got_name and got.dtype == t.dtype and torch.equal(got, t)
     writer.close()
     assert not Path(layout["path"]).exists()
+
+
+def test_a_new_writer_removes_the_files_of_writers_no_longer_running(tmp_path):
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = tmp_path / f"rlkit-weights-{int(gone.stdout)}-0badc0de.bin"  # its writer was SIGKILLed, say
+    running = tmp_path / f"rlkit-weights-{os.getpid()}-12345678.bin"  # another writer of this process, still open
+    other = tmp_path / "rlkit-weights-notes.bin"  # not a writer's name
+    for path in (orphan, running, other):
+        path.write_bytes(b"x" * 64)
+    writer = SharedMemoryWriter(str(tmp_path))
+    assert not orphan.exists() and running.exists() and other.exists()
+    writer.write([("a", torch.ones(2))])
+    assert writer.path.exists() and writer.path != running
+    writer.close()
 
 
 def test_engine_needs_urls_or_launch_not_both(tiny_model_dir):

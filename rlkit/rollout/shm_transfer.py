@@ -10,7 +10,9 @@ The server loads this module through the `vllm.general_plugins` entry point `rlk
 """
 from __future__ import annotations
 
+import logging
 import os
+import re
 import uuid
 from pathlib import Path
 from typing import Iterable
@@ -19,6 +21,7 @@ import torch
 
 BACKEND_NAME = "rlkit_shm"
 ALIGN = 64  # bytes: every tensor starts on a cache line
+FILE_NAME = re.compile(r"rlkit-weights-(\d+)-[0-9a-f]+\.bin")  # rlkit-weights-<writer's pid>-<id>.bin
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -45,10 +48,13 @@ def views(buffer: torch.Tensor, layout: dict) -> list[tuple[str, torch.Tensor]]:
 class SharedMemoryWriter:
     """Trainer side: writes HF-named tensors into one shared file and returns the layout the server reads.
 
-    The file (`directory`/rlkit-weights-<id>.bin) is kept and rewritten at each push; `close()` deletes it.
+    The file (`directory`/rlkit-weights-<pid>-<id>.bin) is kept and rewritten at each push; `close()` deletes it.
+    A writer killed before it could (SIGKILL, the OOM killer) leaves its file holding memory: a new writer deletes
+    the files of writers no longer running (`remove_orphans`).
     """
 
     def __init__(self, directory: str = "/dev/shm"):
+        remove_orphans(Path(directory))
         self.path = Path(directory) / f"rlkit-weights-{os.getpid()}-{uuid.uuid4().hex[:8]}.bin"
         self._buffer: torch.Tensor | None = None
 
@@ -73,6 +79,35 @@ class SharedMemoryWriter:
     def close(self) -> None:
         self._buffer = None
         self.path.unlink(missing_ok=True)
+
+
+def remove_orphans(directory: Path) -> list[Path]:
+    """Delete the weight files in `directory` whose writer's process is gone; returns them. A file of a running
+    process (or of another user's, which this one may not signal or delete) stays."""
+    removed = []
+    for path in directory.glob("rlkit-weights-*.bin"):
+        match = FILE_NAME.fullmatch(path.name)
+        if match is None or _running(int(match.group(1))):
+            continue
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except OSError:  # gone already, or not ours to delete
+            continue
+        logging.getLogger("rlkit").warning("removed %s (%.2f GB), left by a weight writer that is no longer running",
+                                           path, size / 1e9)
+        removed.append(path)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # running, as another user
+        return True
+    return True
 
 
 def register() -> str:
