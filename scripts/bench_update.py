@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_trl, its sibling
 PROMPT_TOKENS = (35, 56)  # a prompt's random length: [low, high)
 NATURAL_TOKENS = (4, 50)  # a response's random length at natural lengths
 
@@ -74,14 +75,12 @@ def synthetic_batch(prompts: int, n: int, max_tokens: int, *, full_length: bool,
 
 
 def needed_flops(model, batch) -> float:
-    """6 x non-embedding parameters per distinct token (each distinct prompt once) + 6 x the head per response token."""
-    head = model.get_output_embeddings().weight.numel()
-    body = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
-    if not getattr(model.config, "tie_word_embeddings", False):
-        body -= head
+    """scripts/bench_trl.py's count of the work an update must do: each distinct prompt once, every response token."""
+    from bench_trl import training_flops_per_token
+
     responses = int(batch.response_mask.sum())
     prompts = sum(len(p) for p in {tuple(p): p for p in batch.prompt_ids}.values())
-    return 6 * body * (prompts + responses) + 6 * head * responses
+    return training_flops_per_token(model)(prompts + responses, responses)
 
 
 def matmul_shapes(events) -> list[dict]:
@@ -111,7 +110,6 @@ def main(argv: list[str] | None = None) -> dict:
     from rlkit.trainer.metrics import process_memory_gib
     from rlkit.trainer.setup import make_accelerator
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_trl import matmul_peak_gflops
 
     cfg = compose([f"model.path={args.model}", f"rollout.max_tokens={args.max_tokens}", *args.set])
